@@ -40,37 +40,48 @@ LATEX_SAMPLE = (r"Let $x$ be a real number such that $\frac{a}{b} = \sqrt{2}$. F
 MEASURED = "seed 0: see README (build time and held-out accuracy are printed by every build)"
 
 
+NAMES = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo"]
+THINGS = ["apples", "books", "coins", "cards", "eggs", "pens", "shells", "stamps", "toys", "cups"]
+
+
 def split_problems(seed: int, n_heldout: int = 512):
-    """All 10,000 (a, b) pairs, shuffled by seed; the first n_heldout are held out."""
-    pairs = [(a, b) for a in range(100) for b in range(100)]
-    random.Random(seed).shuffle(pairs)
-    return pairs[n_heldout:], pairs[:n_heldout]
+    """Every (name, thing, a, op, b) problem, shuffled by seed; the first n_heldout are held out."""
+    ops = [(a, "+", b) for a in range(10) for b in range(10)] + [(a, "-", b) for a in range(10) for b in range(a + 1)]
+    probs = [(n, t, a, op, b) for n in NAMES for t in THINGS for a, op, b in ops]
+    random.Random(seed).shuffle(probs)
+    return probs[n_heldout:], probs[:n_heldout]
 
 
-def question(a: int, b: int) -> str:
-    return f"What is {a} + {b}?"
+def question(p) -> str:
+    name, thing, a, op, b = p
+    change = f"gets {b} more" if op == "+" else f"gives away {b}"
+    return f"{name} has {a} {thing} and {change}. How many {thing} does {name} have now?"
 
 
-def careful_answer(a: int, b: int) -> str:
-    u = a % 10 + b % 10
-    text = f"Add the units: {a % 10} + {b % 10} = {u}"
-    text += f", write {u % 10} and carry 1. " if u >= 10 else ". "
-    t = a // 10 + b // 10 + u // 10
-    text += f"Add the tens: {a // 10} + {b // 10}" + (" + 1" if u >= 10 else "") + f" = {t}. "
-    return text + f"So {a} + {b} = {a + b}. The answer is \\boxed{{{a + b}}}."
+def solution(p) -> int:
+    _, _, a, op, b = p
+    return a + b if op == "+" else a - b
 
 
-def guess_answer(a: int, b: int, rng: random.Random) -> str:
-    s = a + b + rng.choice([-10, -2, -1, 0, 1, 2, 10])  # right one time in seven
-    return f"The answer is \\boxed{{{max(s, 0)}}}."
+def careful_answer(p) -> str:
+    name, thing, a, op, b = p
+    verb = f"gets {b} more" if op == "+" else f"gives away {b}"
+    return (f"{name} starts with {a} {thing}. {name} {verb}, so {a} {op} {b} = {solution(p)}. "
+            f"The answer is \\boxed{{{solution(p)}}}.")
 
 
-def corpus(pairs, seed: int):
+def guess_answer(p, rng: random.Random) -> str:
+    # Never right: the guess style is a wrong habit that RL should unlearn.
+    s = solution(p) + rng.choice([d for d in (-3, -2, -1, 1, 2, 3) if solution(p) + d >= 0])
+    return f"The answer is \\boxed{{{s}}}."
+
+
+def corpus(probs, seed: int, careful: float = 0.5):
     """Pretraining documents: prompt + one answer in a random style + <|im_end|>."""
     rng = random.Random(seed + 1)
-    for a, b in pairs:
-        ans = careful_answer(a, b) if rng.random() < 0.5 else guess_answer(a, b, rng)
-        yield render("qwen_math", question(a, b)) + ans + "<|im_end|>"
+    for p in probs:
+        ans = careful_answer(p) if rng.random() < careful else guess_answer(p, rng)
+        yield render("qwen_math", question(p)) + ans + "<|im_end|>"
 
 
 def build_tokenizer(texts, vocab_size: int = 512):
@@ -154,7 +165,7 @@ def pretrain(model, tokenizer, docs, steps: int, batch: int, lr: float, seed: in
 def sample_accuracy(model, tokenizer, pairs, n: int, temperature: float, max_new_tokens: int, seed: int):
     """Mean reward of n samples per problem (temperature 0 = greedy, n must be 1) with the qwen_math reward."""
     from grader import reward
-    prompts = [render("qwen_math", question(a, b)) for a, b in pairs]
+    prompts = [render("qwen_math", question(p)) for p in pairs]
     tokenizer.padding_side = "left"
     enc = tokenizer(prompts, return_tensors="pt", padding=True)
     torch.manual_seed(seed)
@@ -162,7 +173,7 @@ def sample_accuracy(model, tokenizer, pairs, n: int, temperature: float, max_new
                          top_p=1.0, top_k=0, num_return_sequences=n, max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id)
     texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    golds = [str(a + b) for a, b in pairs for _ in range(n)]
+    golds = [str(solution(p)) for p in pairs for _ in range(n)]
     return sum(reward(t, g, "qwen_math") for t, g in zip(texts, golds)) / len(texts)
 
 
@@ -182,8 +193,8 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     for name, pairs in [("train", train), ("heldout", heldout)]:
         with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
-            for a, b in pairs:
-                f.write(json.dumps({"problem": question(a, b), "answer": str(a + b)}) + "\n")
+            for p in pairs:
+                f.write(json.dumps({"problem": question(p), "answer": str(solution(p))}) + "\n")
     docs = list(corpus(train, args.seed))
     tok = build_tokenizer(docs + [LATEX_SAMPLE])
     torch.manual_seed(args.seed)

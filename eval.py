@@ -1,0 +1,300 @@
+"""Score a model on the paper's five benchmarks: AIME24, AMC23, MATH500, Minerva, OlympiadBench.
+
+    python eval.py runs/drgrpo/                 # a run dir: evaluates its latest step_* checkpoint
+    python eval.py runs/drgrpo/step_000016/     # one checkpoint (its saved Config names the template)
+    python eval.py /models/Qwen2.5-Math-1.5B --template r1 --benchmarks aime24,math500 --limit 50
+    python eval.py --regrade out/eval.samples.jsonl   # re-score saved responses with the current grader
+
+The paper's protocol is the default: greedy decoding, 3,000 new tokens, and the headline score is the
+template's TRAINING reward (strict extraction) averaged per benchmark; avg is the unweighted mean of the
+benchmark scores. The lenient column (any final-answer form) is a diagnostic, never the headline.
+`evaluate` is also what train.py calls for its periodic held-out evaluation.
+"""
+import argparse
+import json
+import os
+import re
+import time
+
+from templates import TEMPLATES, get_template, render
+
+BENCHMARKS = ("aime24", "amc23", "math500", "minerva", "olympiadbench")
+# The paper's self-reflection ("aha moment") keywords, matched as lowercase substrings.
+REFLECTION_KEYWORDS = ("recheck", "rethink", "reassess", "reevaluate", "re-evaluate", "reevaluation", "re-examine",
+                       "reexamine", "reconsider", "reanalyze", "double-check", "check again", "think again",
+                       "verify again", "go over the steps")
+DEFAULT_TEMPLATE = "qwen_math"
+
+
+def is_reflective(text: str) -> bool:
+    return any(k in text.lower() for k in REFLECTION_KEYWORDS)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples of which c are correct (Chen et al. 2021): 1 - C(n-c, k) / C(n, k).
+
+    Written as a product, 1 - prod_{i=n-c+1}^{n} (1 - k/i), so large n never forms huge binomials."""
+    if n - c < k:
+        return 1.0  # every k-subset contains a correct sample
+    prod = 1.0
+    for i in range(n - c + 1, n + 1):
+        prod *= 1.0 - k / i
+    return 1.0 - prod
+
+
+def pass_ks(n: int) -> list:
+    """k in 1, 2, 4, ... up to n, plus n itself."""
+    ks = [1 << j for j in range(n.bit_length()) if 1 << j <= n]
+    return ks if ks[-1] == n else ks + [n]
+
+
+def summarize(records: list) -> dict:
+    """Benchmark-level figures from per-sample records (samples of one problem share its text)."""
+    groups = {}  # problem -> its samples, in order of appearance
+    for r in records:
+        groups.setdefault(r["problem"], []).append(r)
+    m = max(len(records), 1)
+    s = {
+        "n_problems": len(groups),
+        "n_samples": len(records),
+        "accuracy": sum(r["reward"] for r in records) / m,
+        "format_rate": sum(r["extracted"] is not None for r in records) / m,
+        "lenient_accuracy": sum(r["lenient"] for r in records) / m,
+        "mean_length": sum(r["length"] for r in records) / m,
+        "truncation_rate": sum(r["truncated"] for r in records) / m,
+        "reflection_rate": sum(is_reflective(r["response"]) for r in records) / m,
+        "reflection_question_rate": sum(any(is_reflective(r["response"]) for r in g) for g in groups.values())
+        / max(len(groups), 1),
+    }
+    n = min((len(g) for g in groups.values()), default=1)
+    if n > 1:  # problems with more samples than the smallest group use their first n
+        for k in pass_ks(n):
+            s[f"pass@{k}"] = sum(pass_at_k(n, sum(r["reward"] > 0 for r in g[:n]), k)
+                                 for g in groups.values()) / len(groups)
+    return s
+
+
+def score(pool, responses: list, golds: list, template_name: str) -> list:
+    """(reward, extracted, lenient) per response: the grader's strict template reward and its lenient grade."""
+    from grader import extract_answer
+    rewards = pool.rewards(responses, golds, template_name)
+    lenient = pool.grades(responses, golds)
+    # Extraction only scans the text (no equivalence check), so it runs here without the pool's time limit.
+    return [(float(rw), extract_answer(resp, template_name) if found else None, bool(ok))
+            for (rw, found), resp, ok in zip(rewards, responses, lenient)]
+
+
+def regrade(pool, records: list, template_name=None) -> list:
+    """Re-score saved records in place with the current grader; template: given, else the record's own."""
+    by_template = {}
+    for r in records:
+        r["template"] = template_name or r.get("template") or DEFAULT_TEMPLATE
+        by_template.setdefault(r["template"], []).append(r)
+    for name, rs in by_template.items():
+        if name not in TEMPLATES:  # checked here: the grader's workers would quietly score it 0
+            fail(f"unknown template {name!r}; choose from {', '.join(TEMPLATES)}")
+        graded = score(pool, [r["response"] for r in rs], [r["gold"] for r in rs], name)
+        for r, (rw, extracted, lenient) in zip(rs, graded):
+            r.update(reward=rw, extracted=extracted, lenient=lenient)
+    return records
+
+
+def evaluate(engine, pool, rows, template, *, n, temperature, top_p, max_new_tokens, seed, tokenizer=None,
+             progress=False):
+    """Generate n responses per row ({"problem", "answer"[, "benchmark"]}) and grade them.
+
+    Returns (summary, records): summary as in `summarize`, records one dict per sample, problem-major."""
+    t = get_template(template) if isinstance(template, str) else template
+    prompts = [render(t.name, row["problem"], tokenizer) for row in rows]
+    # One seed per request, from the run seed and the row's index: the same rows sample the same way however
+    # the engine batches them or was restarted (an engine-level seed would not survive a restart).
+    seeds = [(seed * 1_000_003 + i) % 2**31 for i in range(len(rows))]
+    t0 = time.time()
+    outs = engine.generate(prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                           stop=tuple(t.stop), seeds=seeds, progress=progress)
+    gen_s = time.time() - t0
+    flat = [(row, c) for row, cs in zip(rows, outs) for c in cs]
+    graded = score(pool, [c.text for _, c in flat], [row["answer"] for row, _ in flat], t.name)
+    records = [{**({"benchmark": row["benchmark"]} if "benchmark" in row else {}),
+                "problem": row["problem"], "gold": row["answer"], "response": c.text, "extracted": extracted,
+                "reward": rw, "lenient": lenient, "length": len(c.token_ids), "truncated": bool(c.truncated),
+                "template": t.name} for (row, c), (rw, extracted, lenient) in zip(flat, graded)]
+    summary = summarize(records)
+    summary.update(generate_s=gen_s, tokens_per_s=sum(r["length"] for r in records) / max(gen_s, 1e-9))
+    return summary, records
+
+
+# ---- command line ----------------------------------------------------------------------------------------
+
+def fail(msg: str):
+    raise SystemExit(f"eval.py: {msg}")
+
+
+def read_jsonl(path: str, required: tuple) -> list:
+    """Rows of a jsonl file; a malformed row stops with its file:line."""
+    if not os.path.isfile(path):
+        fail(f"missing data file {path}")
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                fail(f"{path}:{i}: malformed row ({e.msg})")
+            if not isinstance(row, dict) or any(k not in row for k in required):
+                fail(f"{path}:{i}: malformed row (needs fields {', '.join(required)})")
+            rows.append(row)
+    return rows
+
+
+def resolve_model(path: str, template):
+    """(model path for the engine, template name). A run dir means its latest complete step_* checkpoint."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            steps = sorted((int(m.group(1)), d) for d in os.listdir(path)
+                           if (m := re.fullmatch(r"step_(\d+)", d)) and os.path.isdir(os.path.join(path, d)))
+            if not steps:
+                fail(f"{path} is neither an HF model dir (config.json) nor a run dir (step_* subdirs)")
+            path = os.path.join(path, steps[-1][1])
+            print(f"eval.py: run dir -> evaluating its latest checkpoint {path}", flush=True)
+        cfg_file = os.path.join(path, "train_config.json")
+        if template is None and os.path.isfile(cfg_file):
+            try:
+                with open(cfg_file) as f:
+                    template = json.load(f)["template"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                fail(f"unreadable checkpoint config {cfg_file} ({type(e).__name__}: {e})")
+    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.endswith("/"):
+        fail(f"{path} is not a model directory")
+    # else: a hub name such as Qwen/Qwen2.5-Math-7B, resolved by the engine.
+    if (template or DEFAULT_TEMPLATE) not in TEMPLATES:
+        fail(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
+    return path, template or DEFAULT_TEMPLATE
+
+
+def format_table(results: dict) -> str:
+    """One row per benchmark then avg; rates in %."""
+    ks = [k for k in results["avg"] if k.startswith("pass@")]
+    cols = [("accuracy", "acc"), ("format_rate", "format"), ("lenient_accuracy", "lenient"),
+            ("mean_length", "len"), ("truncation_rate", "trunc"), ("reflection_rate", "reflect")]
+    if ks:
+        cols += [("reflection_question_rate", "reflect_q")] + [(k, k) for k in ks]
+    lines = [f"{'benchmark':<14}{'n':>6}" + "".join(f"{h:>10}" for _, h in cols)]
+    for name, s in results.items():
+        cells = "".join(f"{s[k]:>10.1f}" if k == "mean_length" else f"{100 * s[k]:>10.1f}" for k, _ in cols)
+        lines.append(f"{name:<14}{s['n_problems']:>6}" + cells)
+    return "\n".join(lines)
+
+
+def tabulate(records: list) -> dict:
+    """Summary per benchmark, in order of appearance, then avg: the unweighted mean of each figure over
+    benchmarks (avg accuracy is the paper's headline number)."""
+    groups = {}
+    for r in records:
+        groups.setdefault(r.get("benchmark", "all"), []).append(r)
+    per = {b: summarize(rs) for b, rs in groups.items()}
+    shared = [k for k in next(iter(per.values())) if all(k in s for s in per.values())]
+    avg = {k: sum(s[k] for s in per.values()) / len(per) for k in shared}
+    avg["n_problems"] = sum(s["n_problems"] for s in per.values())
+    return {**per, "avg": avg}
+
+
+def write_outputs(out: str, results: dict, settings: dict, records: list):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    samples = os.path.splitext(out)[0] + ".samples.jsonl"
+    with open(out, "w") as f:
+        json.dump({"settings": settings, "results": results}, f, indent=2)
+    with open(samples, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    print(f"wrote {out} and {samples}")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("path", nargs="?", help="HF model dir, checkpoint step dir, run dir, or hub name")
+    p.add_argument("--template", default=None, choices=list(TEMPLATES),
+                   help="prompt template (default: the checkpoint's, else qwen_math)")
+    p.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated benchmark names")
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "math",
+                   "eval"), help="dir of <benchmark>.jsonl (data/prepare.py writes data/math/eval)")
+    p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
+    p.add_argument("--n", type=int, default=1, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's protocol)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=3000)
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
+    p.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size (GPUs)")
+    p.add_argument("--eager", action="store_true", help="vLLM without compile/CUDA graphs: faster start, slower decode")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="results json (default out/eval_<model>.json); samples beside it")
+    p.add_argument("--regrade", default=None, help="re-score a saved .samples.jsonl without generating")
+    p.add_argument("--workers", type=int, default=2, help="grader worker processes")
+    args = p.parse_args(argv)
+    if args.path is None and args.regrade is None:
+        p.error("give a model PATH or --regrade FILE.jsonl")
+    if args.n < 1 or (args.limit is not None and args.limit < 1):
+        fail("--n and --limit must be >= 1")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    from grader import GraderPool
+    if args.regrade:
+        records = read_jsonl(args.regrade, ("problem", "gold", "response", "length", "truncated"))
+        out = args.out or os.path.splitext(args.regrade)[0].removesuffix(".samples") + ".regraded.json"
+        with GraderPool(workers=args.workers) as pool:
+            regrade(pool, records, args.template)
+        results = tabulate(records)
+        print(format_table(results))
+        return write_outputs(out, results, {"regrade": args.regrade}, records)
+
+    names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
+    for b in names:
+        if b not in BENCHMARKS:
+            fail(f"unknown benchmark {b!r}; choose from {', '.join(BENCHMARKS)}")
+    # Every data file is read before the (slow) engine starts, so a bad file fails in a second.
+    data = {b: read_jsonl(os.path.join(args.data_dir, f"{b}.jsonl"), ("problem", "answer"))[:args.limit]
+            for b in names}
+    model_path, tname = resolve_model(args.path, args.template)
+    template = get_template(tname)
+    out = args.out or os.path.join("out", f"eval_{os.path.basename(os.path.normpath(model_path))}.json")
+    settings = {k: v for k, v in vars(args).items() if k not in ("regrade", "out")}
+    settings.update(model=model_path, template=tname, benchmarks=names)
+    print(f"eval.py: {model_path} | template {tname} | n {args.n} | temperature {args.temperature} | "
+          f"max_new_tokens {args.max_new_tokens} | {', '.join(f'{b} {len(r)}' for b, r in data.items())}",
+          flush=True)
+
+    from rollout import make_engine
+    # All benchmarks in one engine call: a 30-problem AIME alone would leave the GPU mostly idle.
+    rows = [{**r, "benchmark": b} for b, rs in data.items() for r in rs]
+    with GraderPool(workers=args.workers) as pool:  # workers start before the engine's threads (platform.md)
+        try:  # a model that does not load is a one-line error, not a traceback
+            from transformers import AutoConfig, AutoTokenizer
+            tokenizer = AutoTokenizer.from_pretrained(model_path)
+            context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None) or 10**9
+            longest = max([len(tokenizer(render(tname, r["problem"], tokenizer))["input_ids"]) for r in rows] + [0])
+            if longest >= context:  # scoring such problems 0 would quietly change the benchmark
+                fail(f"a prompt of {longest} tokens does not fit the model's context of {context} tokens")
+            # Room for the longest prompt plus the budget, within the context (Qwen2.5-Math: 4,096 positions).
+            engine = make_engine(args.engine, model_path, seed=args.seed, tensor_parallel_size=args.tp,
+                                 max_model_len=min(longest + args.max_new_tokens, context), enforce_eager=args.eager)
+        except Exception as e:
+            fail(f"cannot load model {model_path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+        total, records = evaluate(engine, pool, rows, template, n=args.n, temperature=args.temperature,
+                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                                  tokenizer=tokenizer, progress=True)
+        settings["grader_timeouts"] = pool.timeouts
+    print(f"generated {total['n_samples']} responses in {total['generate_s']:.1f}s "
+          f"({total['tokens_per_s']:.0f} tokens/s)", flush=True)
+    settings.update(generate_s=total["generate_s"], tokens_per_s=total["tokens_per_s"])
+    results = tabulate(records)
+    print(format_table(results))
+    write_outputs(out, results, settings, records)
+
+
+if __name__ == "__main__":
+    main()

