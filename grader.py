@@ -47,7 +47,6 @@ POINTS = tuple(tuple(Fraction((-1) ** k * (101 + 37 * j + 53 * k), 71 + 11 * j +
 
 # ---- extraction ------------------------------------------------------------------------------------------------
 BRACE = re.compile(r"[{}]")
-ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.S)
 FINAL = re.compile(r"final answer(?: is)?\s*:?\s*|the answer is\s*:?\s*|####\s*", re.I)
 MATH_SPAN = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
@@ -76,6 +75,13 @@ def _unwrap(answer: str) -> str:
     return (_last_boxed(answer) or "").strip() if "\\boxed" in answer or "\\fbox" in answer else answer.strip()
 
 
+def _answer_tag(text: str):
+    """The last <answer>...</answer>, unwrapped; None if there is none. rfind, not a regex: linear on any input."""
+    end = text.rfind("</answer>")
+    start = text.rfind("<answer>", 0, max(end, 0))
+    return _unwrap(text[start + 8:end]) if start >= 0 else None
+
+
 def extract_answer(response: str, template) -> "str | None":
     """The answer in the format the template (name or Template) asks for; None when there is none in that format."""
     kind = (get_template(template) if isinstance(template, str) else template).answer
@@ -85,16 +91,15 @@ def extract_answer(response: str, template) -> "str | None":
         strict = "</think> <answer>" in response and "</answer>" in response
         return _unwrap(response.split("<answer>")[-1].replace("</answer>", "")) if strict else None
     if kind == "answer_tag":
-        tags = ANSWER_TAG.findall(response)
-        return _unwrap(tags[-1]) if tags else None
+        return _answer_tag(response)
     raise ValueError(f"unknown answer extraction {kind!r}")
 
 
 def lenient_answer(response: str) -> "str | None":
     """The answer grade() judges: last box, else last <answer> tag, else a final statement, else the last number."""
-    box, tags, finals = _last_boxed(response), ANSWER_TAG.findall(response), list(FINAL.finditer(response))
-    if box is not None or tags:
-        return box if box is not None else _unwrap(tags[-1])
+    box, tag, finals = _last_boxed(response), _answer_tag(response), list(FINAL.finditer(response))
+    if box is not None or tag is not None:
+        return box if box is not None else tag
     if finals:
         rest = response[finals[-1].end():finals[-1].end() + 500]
         sentence = SENTENCE_END.split(rest, maxsplit=1)[0]
@@ -164,15 +169,12 @@ class _Parser:
     Raises ValueError on anything it does not know. It only ever builds tuples."""
 
     def __init__(self, text: str):
-        self.toks, self.i = TOKEN.findall(text), 0
+        self.toks, self.i = TOKEN.findall(text) + [None], 0  # None marks the end
         if len(self.toks) > MAX_TOKENS:
             raise ValueError("too long")
 
-    def peek(self):
-        return self.toks[self.i] if self.i < len(self.toks) else None
-
     def eat(self, *want):  # consume and return the next token if it is one of `want` (any token if none given)
-        t = self.peek()
+        t = self.toks[self.i]
         taken = t is not None and (not want or t in want)
         self.i += taken
         return t if taken else None
@@ -183,9 +185,8 @@ class _Parser:
             raise ValueError(f"expected {close!r} at token {self.i}")
         return node
 
-    def split_next(self):
-        """A LaTeX argument is one character: \\frac12 is \\frac{1}{2}, x^23 is x^{2}3."""
-        t = self.peek()
+    def split_next(self):  # a LaTeX argument is one character: \\frac12 is \\frac{1}{2}, x^23 is x^{2}3
+        t = self.toks[self.i]
         if t is not None and len(t) > 1 and t[0].isalnum():
             self.toks[self.i:self.i + 1] = [t[0], t[1:]]
 
@@ -202,7 +203,7 @@ class _Parser:
                 node = ("*", node, self.unary())
             elif self.eat("/", "\\div"):
                 node = ("/", node, self.unary())
-            elif self.peek() and (self.peek()[0].isalnum() or self.peek()[0] == "." or self.peek() in STARTS_ATOM):
+            elif (t := self.toks[self.i]) and (t[0].isalnum() or t[0] == "." or t in STARTS_ATOM):
                 node = ("*", node, self.power())  # implicit multiplication: 2x, 3\sqrt{2}, (x+1)(x-1)
             else:
                 return node
@@ -231,7 +232,7 @@ class _Parser:
             self.split_next()
             return self.eat() or ""
         start = self.i
-        while self.peek() not in ("}", None):
+        while self.toks[self.i] not in ("}", None):
             self.i += 1
         return "".join(self.toks[start:self.i]) + ("" if self.eat("}") else "}")  # never a silent cut
 
@@ -246,7 +247,7 @@ class _Parser:
             if len(t) == 2:
                 self.toks.insert(self.i, t[1])
                 t = t[0]
-            if t == "i" and self.peek() != "_":
+            if t == "i" and self.toks[self.i] != "_":
                 return ("c", "i")
             return ("s", t + "_" + self.raw_group()) if self.eat("_") else ("s", t)
         if t == "\\frac":
@@ -333,8 +334,8 @@ def _parse(s: str):
         return ("list", tuple(x for v in signs for x in (v[1] if v[0] == "list" else (v,))))
     parser = _Parser(s)
     tree = parser.expr()
-    if parser.peek() is not None or not s:
-        raise ValueError(f"unexpected {parser.peek()!r}")
+    if parser.toks[parser.i] is not None or not s:
+        raise ValueError(f"unexpected {parser.toks[parser.i]!r}")
     return ("expr", tree)
 
 
@@ -503,8 +504,7 @@ def _worker(conn, progress, fn):
         task, template, items = msg
         out = []
         for k, (response, gold) in enumerate(items):
-            progress[1] = time.monotonic()  # time first, index second: the parent reads them the other way round
-            progress[0] = k
+            progress[1], progress[0] = time.monotonic(), k  # time first (the parent reads the index first)
             try:
                 out.append(fn(task, template, response, gold))
             except Exception:  # a grader bug scores 0; it never takes the batch down

@@ -256,6 +256,15 @@ def make_scheduler(opt, cfg: Config, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def shape_rewards(correct, truncated, lengths, max_new_tokens: int, overlong_penalty: int):
+    """Training reward from the grader's 0/1: a truncated response gets 0 (it never finished its answer), and
+    with DAPO's soft overlong penalty the reward falls linearly to -1 over the last `overlong_penalty` tokens."""
+    rewards = torch.where(truncated, torch.zeros_like(correct), correct)         # (B,)
+    if overlong_penalty:
+        rewards = rewards - (lengths - (max_new_tokens - overlong_penalty)).clamp(min=0) / overlong_penalty
+    return rewards
+
+
 def pack(prompt_ids: list, completions: list, pad_id: int):
     """Right-padded (B, T) tensors of prompt + response; response positions marked in resp_mask, with the
     sampler's log-probs (and their validity) at the same positions."""
@@ -392,10 +401,7 @@ def main(argv=None):
         formatted = torch.tensor([float(f) for _, f in graded])                  # (B,)
         truncated = torch.tensor([c.truncated for c in comps])                   # (B,)
         lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)  # (B,)
-        rewards = torch.where(truncated, torch.zeros_like(correct), correct)     # (B,)
-        if cfg.overlong_penalty:  # DAPO: linearly down to -1 over the last `overlong_penalty` tokens
-            over = (lengths - (cfg.max_new_tokens - cfg.overlong_penalty)).clamp(min=0) / cfg.overlong_penalty
-            rewards = rewards - over
+        rewards = shape_rewards(correct, truncated, lengths, cfg.max_new_tokens, cfg.overlong_penalty)  # (B,)
         t2 = time.time()
         # 4. advantages per group (each rank holds whole groups)
         adv, adv_stats = advantages(rewards, cfg.group_size)                     # (B,)

@@ -64,10 +64,8 @@ def solution(p) -> int:
 
 
 def careful_answer(p) -> str:
-    name, thing, a, op, b = p
-    verb = f"gets {b} more" if op == "+" else f"gives away {b}"
-    return (f"{name} starts with {a} {thing}. {name} {verb}, so {a} {op} {b} = {solution(p)}. "
-            f"The answer is \\boxed{{{solution(p)}}}.")
+    _, _, a, op, b = p
+    return f"{a} {op} {b} = {solution(p)}. The answer is \\boxed{{{solution(p)}}}."
 
 
 def guess_answer(p, rng: random.Random) -> str:
@@ -161,54 +159,62 @@ def pretrain(model, tokenizer, docs, steps: int, batch: int, lr: float, seed: in
             print(f"pretrain step {step:4d} | loss {loss.item():.4f}", flush=True)
 
 
-@torch.no_grad()
-def sample_accuracy(model, tokenizer, pairs, n: int, temperature: float, max_new_tokens: int, seed: int):
-    """Mean reward of n samples per problem (temperature 0 = greedy, n must be 1) with the qwen_math reward."""
-    from grader import reward
-    prompts = [render("qwen_math", question(p)) for p in pairs]
-    tokenizer.padding_side = "left"
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+def heldout_accuracy(model_dir: str, rows, seed: int, engine: str = "auto"):
+    """THE held-out accuracy of the demo, as train.py measures it: mean qwen_math reward of 8 samples at
+    temperature 1 per problem (eval.evaluate); the greedy accuracy beside it."""
+    from eval import evaluate
+    from grader import GraderPool
+    from rollout import make_engine
+    with GraderPool(workers=1) as pool:  # before the engine: forking after vLLM starts can hang
+        eng = make_engine(engine, model_dir, seed=seed, max_model_len=256)
+        kw = dict(top_p=1.0, max_new_tokens=64, seed=seed)
+        sampled, _ = evaluate(eng, pool, rows, "qwen_math", n=8, temperature=1.0, **kw)
+        greedy, _ = evaluate(eng, pool, rows, "qwen_math", n=1, temperature=0.0, **kw)
+    return sampled["accuracy"], greedy["accuracy"]
+
+
+def build(out: str, seed: int = 0, steps: int = 300, batch: int = 128, lr: float = 5e-3, hidden: int = 64,
+          layers: int = 2, log_every: int = 50) -> str:
+    """Write train.jsonl, heldout.jsonl and model/ under out; return the model directory."""
+    from transformers import Qwen2ForCausalLM
+    train, heldout = split_problems(seed)
+    os.makedirs(out, exist_ok=True)
+    for name, probs in [("train", train), ("heldout", heldout)]:
+        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+            for p in probs:
+                f.write(json.dumps({"problem": question(p), "answer": str(solution(p))}) + "\n")
+    docs = list(corpus(train, seed))
+    tok = build_tokenizer(docs + [LATEX_SAMPLE])
     torch.manual_seed(seed)
-    out = model.generate(**enc, do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                         top_p=1.0, top_k=0, num_return_sequences=n, max_new_tokens=max_new_tokens,
-                         pad_token_id=tokenizer.pad_token_id)
-    texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    golds = [str(solution(p)) for p in pairs for _ in range(n)]
-    return sum(reward(t, g, "qwen_math") for t, g in zip(texts, golds)) / len(texts)
+    model = Qwen2ForCausalLM(tiny_config(tok, hidden, layers))
+    print(f"tokenizer: {len(tok)} tokens | model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+          f"parameters | {len(train)} train / {len(heldout)} held-out problems", flush=True)
+    pretrain(model, tok, docs, steps, batch, lr, seed, log_every)
+    save_model(model.eval(), tok, os.path.join(out, "model"))
+    return os.path.join(out, "model")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "data", "demo"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, the corpus and the model init")
-    p.add_argument("--steps", type=int, default=600, help="pretraining steps")
-    p.add_argument("--batch", type=int, default=64, help="documents per pretraining step")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (fixed, so the build is deterministic)")
+    p.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    p.add_argument("--batch", type=int, default=128, help="documents per pretraining step")
+    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads: fixed, so the build is deterministic (and 1 is fastest for a model this small)")
+    p.add_argument("--no-eval", action="store_true", help="skip the held-out accuracy measurement")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    from transformers import Qwen2ForCausalLM
-    train, heldout = split_problems(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    for name, pairs in [("train", train), ("heldout", heldout)]:
-        with open(os.path.join(args.out, f"{name}.jsonl"), "w") as f:
-            for p in pairs:
-                f.write(json.dumps({"problem": question(p), "answer": str(solution(p))}) + "\n")
-    docs = list(corpus(train, args.seed))
-    tok = build_tokenizer(docs + [LATEX_SAMPLE])
-    torch.manual_seed(args.seed)
-    model = Qwen2ForCausalLM(tiny_config(tok))
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"tokenizer: {len(tok)} tokens | model: {n_params / 1e6:.2f}M parameters", flush=True)
-    pretrain(model, tok, docs, args.steps, args.batch, args.lr, args.seed)
-    model.eval()
-    save_model(model, tok, os.path.join(args.out, "model"))
-    t_build = time.time() - t0
-    acc = sample_accuracy(model, tok, heldout, n=8, temperature=1.0, max_new_tokens=64, seed=args.seed)
-    greedy = sample_accuracy(model, tok, heldout, n=1, temperature=0.0, max_new_tokens=64, seed=args.seed)
-    print(f"built in {t_build:.0f}s | held-out accuracy (8 samples, T=1, {len(heldout)} problems) "
-          f"{100 * acc:.1f}% | greedy {100 * greedy:.1f}% | total {time.time() - t0:.0f}s")
+    model_dir = build(args.out, args.seed, args.steps, args.batch, args.lr)
+    print(f"built {model_dir} in {time.time() - t0:.0f}s", flush=True)
+    if not args.no_eval:
+        with open(os.path.join(args.out, "heldout.jsonl")) as f:
+            rows = [json.loads(line) for line in f]
+        acc, greedy = heldout_accuracy(model_dir, rows, args.seed)
+        print(f"held-out accuracy (8 samples at T=1, {len(rows)} problems): {100 * acc:.1f}% | greedy "
+              f"{100 * greedy:.1f}% | total {time.time() - t0:.0f}s")
 
 
 if __name__ == "__main__":

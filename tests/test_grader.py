@@ -7,7 +7,6 @@ import os
 import re
 import time
 
-
 import grader
 from grader import GraderPool, extract_answer, grade, is_equiv, lenient_answer, reward
 
@@ -138,6 +137,8 @@ PATHOLOGICAL = [
     ("{" * 100_000, "5"),
     ("1 " * 50_000, "1"),
     ("The answer is " * 7000 + "5", "5"),
+    ("</answer>" + "<answer>" * 12_000, "1"),  # a non-greedy <answer>(.*?)</answer> regex takes ~45 s on this
+    ("x </think> <answer>" * 5000 + "</answer>", "1"),
 ]
 
 

