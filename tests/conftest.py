@@ -22,3 +22,13 @@ def tiny_model_dir(tmp_path_factory):
     """A randomly initialised ~0.1M-parameter Qwen2 (2 layers, head_dim 32) + the demo BPE tokenizer."""
     from data.demo import random_model
     return random_model(str(tmp_path_factory.mktemp("tiny") / "model"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(tmp_path_factory):
+    """The demo's tiny Qwen2, briefly pretrained (80 steps): it answers in \\boxed{} and is right now and then,
+    so RL sees non-zero advantages. Its directory also holds the demo's train.jsonl and heldout.jsonl."""
+    import torch
+    from data.demo import build
+    torch.set_num_threads(1)
+    return build(str(tmp_path_factory.mktemp("demo")), seed=0, steps=80, batch=64, lr=1e-2, log_every=1000)

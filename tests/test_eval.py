@@ -118,7 +118,7 @@ def test_error_lines(tmp_path, shared_data, tiny_model_dir):
     data = os.path.join(shared_data, "eval")
     one_line_error(run_cli(tiny_model_dir, "--data-dir", data, "--benchmarks", "aime24,gsm9k"), "gsm9k")
     one_line_error(run_cli(tiny_model_dir, "--data-dir", str(tmp_path), "--benchmarks", "aime24"),
-                   "missing data file", "aime24.jsonl")
+                   "file not found", "aime24.jsonl")
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "amc23.jsonl").write_text('{"problem": "1+1?", "answer": "2"}\n{"problem": "2+2?"\n')

@@ -125,6 +125,19 @@ def test_same_seeds_same_samples(engine):
     assert all(len({tuple(t) for t in g}) == 3 for g in ids(a))  # the n samples of a prompt differ
 
 
+def test_seeded_batch_larger_than_one_step(vllm_engine):
+    """~10k prompt tokens > vLLM's 4,096-token step: with chunked prefill a split prompt rewinds its seeded
+    generator, which a CPU generator cannot do (RuntimeError); rollout.py turns chunked prefill off on CPU."""
+    import random
+    rng = random.Random(0)
+    prompts = [" ".join(str(rng.randrange(10**6)) for _ in range(60)) for _ in range(24)]  # no shared prefix
+    assert sum(len(vllm_engine.tokenizer(p)["input_ids"]) for p in prompts) > 4096
+    kw = dict(n=2, temperature=1.0, top_p=1.0, max_new_tokens=4)
+    groups = vllm_engine.generate(prompts, seeds=list(range(24)), **kw)
+    alone = vllm_engine.generate(prompts[-1:], seeds=[23], **kw)
+    assert [c.token_ids for c in groups[-1]] == [c.token_ids for c in alone[0]]
+
+
 def test_stop_string_kept_eos_and_truncation(engine, trained):
     push(trained, engine)
     r1, qwen = render("no", QUESTIONS[0]), render("no", QUESTIONS[1])

@@ -111,19 +111,19 @@ def env():
 
 
 @pytest.fixture(scope="module")
-def demo_data(tmp_path_factory, tiny_model_dir):
-    from data.demo import question, solution, split_problems
+def demo_data(tmp_path_factory, demo_model_dir):
+    """Small question files from the demo task (the full ones are beside the model)."""
     d = tmp_path_factory.mktemp("demo_data")
-    tr, held = split_problems(0)
-    for name, probs in [("train", tr[:200]), ("heldout", held[:16])]:
-        write_jsonl(d / f"{name}.jsonl", [{"problem": question(p), "answer": str(solution(p))} for p in probs])
+    for name, n in [("train", 200), ("heldout", 16)]:
+        with open(os.path.join(os.path.dirname(demo_model_dir), f"{name}.jsonl")) as f:
+            write_jsonl(d / f"{name}.jsonl", [json.loads(line) for line in f][:n])
     return str(d)
 
 
 @pytest.fixture(scope="module")
-def full_run(tmp_path_factory, tiny_model_dir, demo_data):
+def full_run(tmp_path_factory, demo_model_dir, demo_data):
     out = str(tmp_path_factory.mktemp("run") / "full")
-    p = subprocess.run(run_args(tiny_model_dir, demo_data, out), env=env(), capture_output=True, text=True,
+    p = subprocess.run(run_args(demo_model_dir, demo_data, out), env=env(), capture_output=True, text=True,
                        timeout=900)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     return out, p.stdout + p.stderr
@@ -134,9 +134,10 @@ def test_end_to_end_two_processes(full_run):
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["iteration"] for r in recs] == list(range(ITERS + 1))  # 0 = evaluation before training
     for r in recs[1:]:
-        assert 0 <= r["reward"] <= 1 and r["grad_norm"] > 0 and r["grader_timeouts"] == 0
+        assert 0 <= r["reward"] <= 1 and r["grader_timeouts"] == 0
         assert r["logprob_mismatch"] < 1e-3  # vLLM sampled from exactly the trainer's weights
         assert r["t_generate"] > 0 and r["tokens_per_s"] > 0
+    assert any(r["grad_norm"] > 0 for r in recs[1:])  # some group had unequal rewards: a real update
     assert "eval_accuracy" in recs[2] and "eval_accuracy" in recs[4] and "eval_accuracy" not in recs[3]
     assert "held-out accuracy: before" in log
     samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
@@ -194,10 +195,10 @@ def logged_iteration(out_dir):
         return -1
 
 
-def test_resume_after_sigkill_is_exact(full_run, tiny_model_dir, demo_data, tmp_path):
+def test_resume_after_sigkill_is_exact(full_run, demo_model_dir, demo_data, tmp_path):
     ref_dir, _ = full_run
     out = str(tmp_path / "killed")
-    args = run_args(tiny_model_dir, demo_data, out)
+    args = run_args(demo_model_dir, demo_data, out)
     rng = random.Random(1234)  # the kill points are seeded
     mid_save = rng.randint(1, 2)
     # 1. killed in the middle of writing checkpoint `mid_save`: its temp directory exists, it is not complete
@@ -223,6 +224,6 @@ def test_resume_after_sigkill_is_exact(full_run, tiny_model_dir, demo_data, tmp_
             assert a[k] == b[k], k
     # and the run really trained: the final weights differ from the base model's
     from safetensors.torch import load_file
-    base = load_file(os.path.join(tiny_model_dir, "model.safetensors"))
+    base = load_file(os.path.join(demo_model_dir, "model.safetensors"))
     final = load_file(os.path.join(out, f"step_{ITERS:06d}", "model.safetensors"))
     assert any(not torch.equal(base[k], final[k]) for k in base)

@@ -1,0 +1,36 @@
+"""data/demo.py: the tokenizer, the tiny model's shape, and a deterministic build."""
+import json
+import os
+
+import torch
+
+from conftest import SHARED_DATA
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path):
+    from data.demo import build
+    torch.set_num_threads(1)
+    a, b = (build(str(tmp_path / name), seed=5, steps=3, batch=8, log_every=1000) for name in ("a", "b"))
+    c = build(str(tmp_path / "c"), seed=6, steps=3, batch=8, log_every=1000)
+    read = lambda d, f: open(os.path.join(d, f), "rb").read()  # noqa: E731
+    assert read(a, "model.safetensors") == read(b, "model.safetensors")
+    assert read(a, "tokenizer.json") == read(b, "tokenizer.json")
+    assert read(a, "model.safetensors") != read(c, "model.safetensors")
+    assert read(os.path.dirname(a), "heldout.jsonl") == read(os.path.dirname(b), "heldout.jsonl")
+
+
+def test_tokenizer_and_model_shape(demo_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(demo_model_dir)
+    for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id and len(tok.tokenize(special)) == 1
+    # byte-level BPE: real MATH text (LaTeX, unicode) round-trips exactly
+    rows = [json.loads(line) for line in open(os.path.join(SHARED_DATA, "train", "math12k.jsonl"))][:200]
+    for r in rows:
+        assert tok.decode(tok(r["solution"])["input_ids"]) == r["solution"]
+    assert tok.tokenize("123") == ["1", "2", "3"]  # digits split one by one, as in Qwen's tokenizer
+    cfg = AutoModelForCausalLM.from_pretrained(demo_model_dir).config
+    assert cfg.head_dim >= 32 and cfg.max_position_embeddings >= 2048 and cfg.model_type == "qwen2"
+    held = [json.loads(line) for line in open(os.path.join(os.path.dirname(demo_model_dir), "heldout.jsonl"))]
+    train = [json.loads(line) for line in open(os.path.join(os.path.dirname(demo_model_dir), "train.jsonl"))]
+    assert len(held) >= 512 and not {r["problem"] for r in held} & {r["problem"] for r in train}
