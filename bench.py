@@ -169,7 +169,7 @@ def bench_grader(argv):
     p.add_argument("--data", default=GRADER_DATA)
     p.add_argument("--cases", default="tests/grader_cases.jsonl")
     p.add_argument("--per-kind", type=int, default=150, help="generated cases per rewrite/perturbation kind")
-    p.add_argument("--runs", type=int, default=7, help="timed runs per worker count (median reported)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per worker count (median reported)")
     p.add_argument("--mv-pairs", type=int, default=2000, help="math12k pairs also graded by Math-Verify (slow)")
     p.add_argument("-v", "--verbose", action="store_true", help="accuracy per hand-labelled rule, and our misses")
     args = p.parse_args(argv)
@@ -279,7 +279,7 @@ def bench_step(argv):
     import statistics
     import subprocess
     p = argparse.ArgumentParser(prog="bench.py step", description=bench_step.__doc__)
-    p.add_argument("--runs", type=int, default=7, help="subprocesses per variant (median reported)")
+    p.add_argument("--runs", type=int, default=5, help="subprocesses per variant (median reported)")
     p.add_argument("--batch", type=int, default=4, help="sequences per step")
     p.add_argument("--seq", type=int, default=1024, help="tokens per sequence")
     p.add_argument("--vocab", type=int, default=151936, help="Qwen2.5's vocabulary size")
@@ -341,7 +341,7 @@ def bench_rollout(argv):
     p.add_argument("--prompts", type=int, default=32, help="prompts per generate call")
     p.add_argument("--n", type=int, default=8, help="samples per prompt")
     p.add_argument("--tokens", type=int, default=64, help="max new tokens")
-    p.add_argument("--runs", type=int, default=7, help="timed runs per variant (median)")
+    p.add_argument("--runs", type=int, default=5, help="timed runs per variant (median)")
     p.add_argument("--hf-prompts", type=int, default=4, help="prompts for the (slow) transformers fallback")
     args = p.parse_args(argv)
 
