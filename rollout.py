@@ -88,6 +88,8 @@ class VLLMEngine:
             _set_cpu_env_defaults()
         from vllm import LLM
         kw = dict(distributed_executor_backend="external_launcher") if colocated else {}
+        if dtype == "auto" and not cuda:  # vLLM-CPU would pick bf16; the CPU trainer is fp32, so sample in fp32
+            dtype = "float32"
         self.llm = LLM(model=model_path, seed=seed, max_model_len=max_model_len, dtype=dtype,
                        gpu_memory_utilization=gpu_memory_utilization, tensor_parallel_size=tensor_parallel_size,
                        enable_prefix_caching=enable_prefix_caching, enforce_eager=enforce_eager,
@@ -141,12 +143,12 @@ class VLLMEngine:
         if named_tensors is not None:
             self._push(named_tensors)
         self.llm.wake_up(tags=["kv_cache"])
-        self._reset_prefix_cache()
+        self.reset_prefix_cache()
 
     def update_weights(self, named_tensors) -> None:
         """Push (HF name, full tensor) pairs into the running engine, in memory, then drop the prefix cache."""
         self._push(named_tensors)
-        self._reset_prefix_cache()
+        self.reset_prefix_cache()
 
     def _push(self, named_tensors) -> None:
         # ONE reload call fed by a stream: vLLM buffers a layer's pieces only until the layer is complete
@@ -157,8 +159,9 @@ class VLLMEngine:
         if not torch.cuda.is_available():
             self.llm.collective_rpc(_repack_tied_lm_head)
 
-    def _reset_prefix_cache(self) -> None:
-        # A stale prefix cache serves KV computed by the OLD weights: the engine would sample from a mix.
+    def reset_prefix_cache(self) -> None:
+        """After every sync: a stale prefix cache serves KV computed by the OLD weights (a mix of policies).
+        train.py also calls it before each rollout, so what is sampled depends only on weights and seeds."""
         if not self.llm.reset_prefix_cache():
             raise RuntimeError("vLLM refused to reset the prefix cache (requests still running?)")
 
@@ -238,6 +241,9 @@ class HFEngine:
     def wake_up(self, named_tensors=None) -> None:
         if named_tensors is not None:
             self.update_weights(named_tensors)
+
+    def reset_prefix_cache(self) -> None:
+        pass  # generate keeps no cache between calls
 
     @torch.no_grad()
     def update_weights(self, named_tensors) -> None:

@@ -387,7 +387,9 @@ def main(argv=None):
         global_idx = iteration_prompts(len(questions), it, cfg.rollout_batch, cfg.seed)
         mine = global_idx[rank::world]
         rows = [questions[i] for i in mine]
-        # 2. generate G responses per prompt with the colocated engine, then put it to sleep
+        # 2. generate G responses per prompt with the colocated engine, then put it to sleep. The reset makes
+        # the samples depend on weights and seeds only (not on what an evaluation left cached): exact resume.
+        engine.reset_prefix_cache()
         groups = engine.generate([r["prompt"] for r in rows], n=cfg.group_size, temperature=cfg.temperature,
                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=template.stop,
                                  seeds=[request_seed(cfg.seed, it, i) for i in mine])

@@ -23,7 +23,8 @@ def test_tokenizer_and_model_shape(demo_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(demo_model_dir)
     for special in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
-        assert tok.convert_tokens_to_ids(special) != tok.unk_token_id and len(tok.tokenize(special)) == 1
+        assert tok.convert_ids_to_tokens(tok.convert_tokens_to_ids(special)) == special
+        assert tok.tokenize(special) == [special]  # one token, never split into bytes
     # byte-level BPE: real MATH text (LaTeX, unicode) round-trips exactly
     rows = [json.loads(line) for line in open(os.path.join(SHARED_DATA, "train", "math12k.jsonl"))][:200]
     for r in rows:
