@@ -35,6 +35,7 @@ def save_hf(full_state: dict, hf_config, tokenizer, path: str, dtype: torch.dtyp
     """The HF directory: one safetensors file (tied lm_head dropped, as transformers expects)."""
     tensors = {k: v.to(dtype).contiguous() for k, v in full_state.items()
                if not (hf_config.tie_word_embeddings and k == "lm_head.weight")}
+    hf_config.dtype = dtype  # what the file holds (the trainer keeps fp32 master weights)
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     hf_config.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -53,7 +54,7 @@ def save(out_dir: str, step: int, model, optimizer, scheduler, tokenizer, genera
     dcp.save(state, checkpoint_id=os.path.join(tmp, "trainer"))
     torch.save({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-                "scheduler": scheduler.state_dict(), **counters},
+                "scheduler": scheduler.state_dict(), "world": dist.get_world_size(), **counters},
                os.path.join(tmp, "trainer", f"rank{rank}.pt"))
     # 2. The HF export, gathered to rank 0's CPU (the one full copy, only for the length of the save).
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -88,6 +89,11 @@ def load(path: str, model, optimizer, scheduler, rank: int) -> dict:
     if cuda_rng is not None:
         torch.cuda.set_rng_state(cuda_rng)
     return extra
+
+
+def saved_world(path: str) -> int:
+    """How many ranks wrote this checkpoint (one rank{r}.pt each)."""
+    return len(glob.glob(os.path.join(path, "trainer", "rank*.pt")))
 
 
 def clean_partial(out_dir: str, rank: int):

@@ -139,9 +139,19 @@ def check_config(cfg: Config, world: int) -> str:
                 f"(--rollout-batch x --group-size) and split evenly over {world} ranks")
     if cfg.group_size < 2:
         return "--group-size must be at least 2 (advantages are relative to the group)"
-    for name in ("iterations", "micro_batch", "max_new_tokens", "ppo_epochs", "eval_every", "save_every", "keep"):
+    for name in ("iterations", "passes", "micro_batch", "max_new_tokens", "ppo_epochs", "eval_every", "eval_n",
+                 "save_every", "keep", "log_samples_every"):
         if getattr(cfg, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
+    for name in ("temperature", "grad_clip", "lr"):  # temperature 0 would be greedy: G identical samples
+        if getattr(cfg, name) <= 0:
+            return f"--{name.replace('_', '-')} must be > 0"
+    if not 0 < cfg.top_p <= 1:
+        return "--top-p must be in (0, 1]"
+    if not (0 <= cfg.eps_low < 1 and cfg.eps_high >= 0):
+        return "--eps-low must be in [0, 1) and --eps-high >= 0"
+    if cfg.warmup_steps < 0 or cfg.eval_limit < 0 or cfg.beta < 0 or cfg.tis_cap < 0:
+        return "--warmup-steps, --eval-limit, --beta and --tis-cap must be >= 0"
     if cfg.lr_schedule not in ("constant", "cosine"):
         return f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}"
     if cfg.engine not in ("auto", "vllm", "hf"):
@@ -344,7 +354,11 @@ def main(argv=None):
     sched = make_scheduler(opt, cfg, iterations * steps_per_iter)
     start = 0
     checkpoint.clean_partial(cfg.out_dir, rank)
-    latest = checkpoint.step_dirs(cfg.out_dir)[-1:] if cfg.resume else []
+    latest = checkpoint.step_dirs(cfg.out_dir)[-1:]
+    if latest and not cfg.resume:  # its old step_N would sort after ours and push them out of --keep
+        sys.exit(f"train.py: --out-dir {cfg.out_dir} holds checkpoints of another run; --resume false needs a new one")
+    if latest and checkpoint.saved_world(latest[0]) != world:  # every rank sees the same files: all stop together
+        sys.exit(f"train.py: {latest[0]} was written by {checkpoint.saved_world(latest[0])} ranks, this run has {world}")
     if latest:
         start = checkpoint.load(latest[0], model, opt, sched, rank)["iteration"]
         print0(f"resumed from {latest[0]} at iteration {start}", rank=rank)
@@ -374,12 +388,12 @@ def main(argv=None):
                       f"({len(heldout)} problems x {cfg.eval_n}, T={cfg.eval_temperature})")
             with open(metrics_path, "w") as f:
                 f.write(json.dumps(rec) + "\n")
-    elif rank == 0:  # drop what the interrupted run logged after its last checkpoint
-        with open(metrics_path) as f:
-            keep = [line for line in f if json.loads(line)["iteration"] <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(keep)
-    assert cfg.rollout_batch % world == 0 and cfg.train_batch % world == 0  # check_config said so
+    elif rank == 0:  # drop what the interrupted run logged after its last checkpoint (and a torn last line)
+        for path in (metrics_path, samples_path):
+            keep = [line for line in open(path)] if os.path.exists(path) else []
+            keep = [line for line in keep if line.endswith("\n") and json.loads(line)["iteration"] <= start]
+            with open(path, "w") as f:
+                f.writelines(keep)
 
     for it in range(start, iterations):
         t0 = time.time()
@@ -387,6 +401,7 @@ def main(argv=None):
         global_idx = iteration_prompts(len(questions), it, cfg.rollout_batch, cfg.seed)
         mine = global_idx[rank::world]
         rows = [questions[i] for i in mine]
+        nan_before = engine.nan_logprobs
         # 2. generate G responses per prompt with the colocated engine, then put it to sleep. The reset makes
         # the samples depend on weights and seeds only (not on what an evaluation left cached): exact resume.
         engine.reset_prefix_cache()
@@ -421,6 +436,8 @@ def main(argv=None):
                 if ref is not None:
                     ref_logp[idx, :ids.shape[1]] = L.token_logprobs(ref, ids, am, tm, cfg.temperature)[0].float().cpu()
         mismatch = logprob_mismatch(sampler_logp, sampler_ok & resp_mask, old_logp)
+        # where the sampler gave no usable log-prob, TIS must weigh by 1: use the trainer's own value there
+        sampler_logp = torch.where(sampler_ok, sampler_logp, old_logp)          # (B, T)
         # 6. optimizer steps over minibatches of train_batch responses (global), micro-batched per rank.
         # N: the loss normaliser = responses in the GLOBAL optimizer minibatch, truncation-masked ones included
         # (Oat). Every micro-batch on every rank divides by it; gradients are summed over micro-batches and
@@ -459,17 +476,18 @@ def main(argv=None):
         s = all_sum([float(rewards.sum()), float(correct.sum()), float(formatted.sum()), float(truncated.sum()),
                      float(lengths[ok].sum()), float(ok.sum()), float(lengths[~ok].sum()), float((~ok).sum()),
                      float(lengths.sum()), adv_stats["zero_adv_group_frac"], mismatch if mismatch == mismatch else 0.0,
-                     float(engine.nan_logprobs)] + [summed[k] for k in keys], device)
+                     float(engine.nan_logprobs - nan_before), float(mismatch == mismatch), float(pool.timeouts)]
+                    + [summed[k] for k in keys], device)
         n = B * world
-        tok = {k: s[12 + i] for i, k in enumerate(keys)}
+        tok = {k: s[14 + i] for i, k in enumerate(keys)}
         lm = L.mean_metrics({k: v for k, v in tok.items() if not k.startswith("entropy")})
         rec = {"iteration": it + 1, "reward": s[0] / n, "accuracy": s[1] / n, "format_rate": s[2] / n,
                "truncation_rate": s[3] / n, "len_correct": s[4] / max(s[5], 1), "len_incorrect": s[6] / max(s[7], 1),
-               "len_mean": s[8] / n, "zero_adv_group_frac": s[9] / world, "logprob_mismatch": s[10] / world,
+               "len_mean": s[8] / n, "zero_adv_group_frac": s[9] / world, "logprob_mismatch": s[10] / max(s[12], 1),
                "nan_logprobs": s[11], "entropy": tok["entropy"] / max(tok["entropy_tokens"], 1),
                **{k: v for k, v in lm.items() if k != "tokens"},
                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0],
-               "adv_std": adv_stats["adv_std"], "grader_timeouts": pool.timeouts,
+               "adv_std": adv_stats["adv_std"], "grader_timeouts": s[13],  # adv_std: rank 0's groups
                "t_generate": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2, "t_sync": t4 - t3,
                "tokens_per_s": s[8] / (t4 - t0)}
         final = it + 1 == iterations

@@ -50,6 +50,9 @@ def test_config_errors_name_the_flag(monkeypatch):
     assert "--template" in config_error(["--template", "prime-zero"], monkeypatch=monkeypatch)
     assert "--recipe" in config_error(["--recipe", "nope"], monkeypatch=monkeypatch)
     assert "--group-size" in config_error(["--group-size", "1", "--train-batch", "128"], monkeypatch=monkeypatch)
+    assert "--temperature" in config_error(["--temperature", "0"], monkeypatch=monkeypatch)
+    assert "--grad-clip" in config_error(["--grad-clip", "0"], monkeypatch=monkeypatch)
+    assert "--log-samples-every" in config_error(["--log-samples-every", "0"], monkeypatch=monkeypatch)
 
 
 def test_unknown_flag_is_an_error(capsys, monkeypatch):
