@@ -18,7 +18,8 @@ The model: Qwen2, hidden 64, 2 layers, head_dim 32 (vLLM's CPU attention rejects
 ~0.16M parameters, 400 pretraining steps of 128 documents.
 Held-out accuracy, defined once and used everywhere (train.py's evaluation, this script): the mean qwen_math
 reward of 8 samples at temperature 1 per problem on heldout.jsonl (eval.evaluate).
-Measured here (seed 0, 1 torch thread, a loaded 2-core machine): see README.md, "The CPU demo".
+Measured here (seed 0, 1 torch thread, 2-core machine, fresh clone): built in 143-151 s; held-out accuracy
+48.9 % (greedy 55.5 %), the same 48.8 % when train.py measures it before RL.
 """
 import argparse
 import json
