@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -212,7 +213,7 @@ def test_fsdp_full_tensors_plain_model(tiny_model_dir):
 def test_two_ranks_fsdp2_sync(tiny_model_dir, tmp_path):
     """Each torchrun rank: FSDP2 model + its own vLLM engine; generate, train, sleep, wake with new weights."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(HERE, "dist_rollout_check.py"), tiny_model_dir, str(tmp_path)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
