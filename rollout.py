@@ -109,6 +109,10 @@ class VLLMEngine:
             n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
             max_tokens=max_new_tokens, stop=list(stop), stop_token_ids=self.stop_ids,
             include_stop_str_in_output=True, seed=seed,
+            # vLLM detokenizes every step only to check stop strings, and then also decodes each log-prob's
+            # token, a Python call per token (a quarter of CPU generation time). Without stop strings the text
+            # is decoded once per response in _completion instead.
+            detokenize=bool(stop),
             logprobs=0,           # 0 = only the sampled token's log-prob
             flat_logprobs=True)   # a few flat lists per response instead of a dict per token (GC cost)
 
@@ -123,14 +127,16 @@ class VLLMEngine:
         params = [self.sampling_params(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        stop=stop, seed=s) for s in req_seeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=progress)
-        return [[self._completion(o) for o in out.outputs] * (n // k) for out in outputs]
+        return [[self._completion(o, decode=not stop) for o in out.outputs] * (n // k) for out in outputs]
 
-    def _completion(self, o) -> Completion:
+    def _completion(self, o, decode: bool) -> Completion:
         lp = o.logprobs.logprobs  # FlatLogprobs with logprobs=0: exactly one value per generated token
         assert len(lp) == len(o.token_ids), (len(lp), len(o.token_ids))
         values, ok = clean_logprobs(lp)
         self.nan_logprobs += ok.count(False)
-        return Completion(list(o.token_ids), o.text, values, ok, o.finish_reason == "length")
+        # (as vLLM's own detokenizer does, a multi-byte character cut off by the token limit is not text yet)
+        text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True).rstrip("\ufffd") if decode else o.text
+        return Completion(list(o.token_ids), text, values, ok, o.finish_reason == "length")
 
     def sleep(self) -> None:
         """Before the trainer's update. GPU: level 1 offloads weights to CPU RAM and drops the KV cache.
@@ -270,17 +276,37 @@ def make_engine(kind: str, model_path: str, **kw):
 
 
 def fsdp_full_tensors(model):
-    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, one at a time.
+    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, in the order of
+    model.named_parameters(). Tied weights appear once (named_parameters dedups), as in an HF checkpoint.
 
-    DTensor.full_tensor() is an all-gather: every rank must iterate in the same order, to the end. Only the
-    tensor being pushed is ever materialised, so no rank holds a second full copy of the model. Plain tensors
-    pass through. Tied weights appear once (named_parameters dedups), as in an HF checkpoint."""
-    from torch.distributed.tensor import DTensor
-    for name, p in model.named_parameters():
+    Gathering goes by FSDP module: unshard() all-gathers a whole decoder layer in ONE collective, where
+    DTensor.full_tensor() per parameter would be one each (~12 per layer; on gloo they were most of the sync
+    time). One module is unsharded at a time, so no rank holds a second full copy of the model (beyond what the
+    consumer keeps of the yielded copies). Every rank
+    must iterate in the same order, to the end. Plain (unsharded) models pass through."""
+    from torch.distributed.fsdp import FSDPModule
+    owner = {}  # parameter name -> (the innermost FSDP module that shards it, the name inside that module)
+    for prefix, m in model.named_modules():  # outer modules first; inner ones overwrite their parameters
+        if isinstance(m, FSDPModule):
+            owner.update({f"{prefix}.{n}" if prefix else n: (m, n) for n, _ in m.named_parameters()})
+    current = None
+    # names listed up front: unshard() swaps in new parameter objects, which would defeat the tied-weight dedup
+    for name in [n for n, _ in model.named_parameters()]:
+        m, local = owner.get(name, (None, None))
+        if m is not current:
+            if current is not None:
+                current.reshard()
+            if m is not None:
+                m.unshard()  # the module's parameters are now plain full tensors until reshard()
+            current = m
+        p = m.get_parameter(local) if m is not None else model.get_parameter(name)
         for prefix in WRAPPER_PREFIXES:
             name = name.replace(prefix, "")
-        p = p.detach()  # detach, not no_grad: a no_grad block would leak into the caller between yields
-        yield name, p.full_tensor() if isinstance(p, DTensor) else p
+        # A copy: reshard() frees the gathered storage, and a consumer may hold a tensor past that (vLLM buffers
+        # a layer's pieces). detach, not no_grad: a no_grad block would leak into the caller between yields.
+        yield name, p.detach().clone()
+    if current is not None:
+        current.reshard()
 
 
 def logprob_mismatch(sampler_logprobs, sampler_ok, trainer_logprobs) -> float:

@@ -423,36 +423,43 @@ def main(argv=None):
         prompt_ids = [ids for r in rows for ids in [tokenizer(r["prompt"])["input_ids"]] * cfg.group_size]
         input_ids, attn, resp_mask, sampler_logp, sampler_ok = pack(prompt_ids, comps, pad_id)
         loss_mask = resp_mask & ~truncated[:, None] if cfg.overlong_filter else resp_mask  # (B, T)
-        # 5. old log-probs by the trainer (not the sampler's), before any update of this batch
+        # 5. old log-probs by the trainer (not the sampler's), before any update of this batch. The first
+        # minibatch of epoch 0 needs no separate pass: the policy has not moved yet, so its update's own forward
+        # gives the same values (detached; the ratio is exactly 1). Only the later minibatches are scored here.
         B = len(comps)
+        local_mb = cfg.train_batch // world
+        orders = [torch.randperm(B, generator=torch.Generator().manual_seed(request_seed(cfg.seed, it, epoch)))
+                  for epoch in range(cfg.ppo_epochs)]
         old_logp = torch.zeros(input_ids.shape)                                  # (B, T)
         ref_logp = torch.zeros(input_ids.shape) if ref is not None else None     # (B, T)
         with torch.no_grad():
-            for idx in micro_batches(torch.arange(B), cfg.micro_batch):
+            for idx in micro_batches(orders[0][local_mb:], cfg.micro_batch):
                 ids, am, tm = (t.to(device) for t in crop(idx, input_ids, attn, resp_mask))
                 old_logp[idx, :ids.shape[1]] = L.token_logprobs(model, ids, am, tm, cfg.temperature)[0].float().cpu()
-                if ref is not None:
-                    ref_logp[idx, :ids.shape[1]] = L.token_logprobs(ref, ids, am, tm, cfg.temperature)[0].float().cpu()
-        mismatch = logprob_mismatch(sampler_logp, sampler_ok & resp_mask, old_logp)
-        # where the sampler gave no usable log-prob, TIS must weigh by 1: use the trainer's own value there
-        sampler_logp = torch.where(sampler_ok, sampler_logp, old_logp)          # (B, T)
+            for idx in (micro_batches(torch.arange(B), cfg.micro_batch) if ref is not None else []):
+                ids, am, tm = (t.to(device) for t in crop(idx, input_ids, attn, resp_mask))
+                ref_logp[idx, :ids.shape[1]] = L.token_logprobs(ref, ids, am, tm, cfg.temperature)[0].float().cpu()
         # 6. optimizer steps over minibatches of train_batch responses (global), micro-batched per rank.
         # N: the loss normaliser = responses in the GLOBAL optimizer minibatch, truncation-masked ones included
         # (Oat). Every micro-batch on every rank divides by it; gradients are summed over micro-batches and
         # ranks (FSDP divide factor 1), so each optimizer step sees the mean over its N responses.
         N = cfg.train_batch
-        local_mb = cfg.train_batch // world
         summed, grad_norms = {}, []
         model.train()
-        for epoch in range(cfg.ppo_epochs):
-            order = torch.randperm(B, generator=torch.Generator().manual_seed(request_seed(cfg.seed, it, epoch)))
-            for mb in micro_batches(order, local_mb):
+        for epoch, order in enumerate(orders):
+            for step, mb in enumerate(micro_batches(order, local_mb)):
                 for idx in micro_batches(mb, cfg.micro_batch):
-                    ids, am, tm, lm, old, slp = crop(idx, input_ids, attn, resp_mask, loss_mask, old_logp, sampler_logp)
-                    ids, am, tm, lm, old, slp = (t.to(device) for t in (ids, am, tm, lm, old, slp))
+                    ids, am, tm, lm, ok, slp = crop(idx, input_ids, attn, resp_mask, loss_mask, sampler_ok, sampler_logp)
+                    ids, am, tm, lm = (t.to(device) for t in (ids, am, tm, lm))
                     logp, entropy = L.token_logprobs(model, ids, am, tm, cfg.temperature)
+                    if epoch == 0 and step == 0:  # not scored in step 5: these are its old log-probs
+                        old_logp[idx, :ids.shape[1]] = logp.detach().float().cpu()
+                    old = old_logp[idx, :ids.shape[1]]
+                    # where the sampler gave no usable log-prob, TIS must weigh by 1: use the trainer's value there
+                    slp = torch.where(ok, slp, old).to(device)
                     extra = dict(ref_logp=ref_logp[idx, :ids.shape[1]].to(device)) if ref is not None else {}
-                    loss, m = loss_fn(logp, old, adv[idx].to(device), lm, N, sampler_logp=slp, **extra, **loss_kw)
+                    loss, m = loss_fn(logp, old.to(device), adv[idx].to(device), lm, N, sampler_logp=slp, **extra,
+                                      **loss_kw)
                     loss.backward()
                     m["entropy"] = (entropy * tm).sum()
                     m["entropy_tokens"] = tm.sum()
@@ -463,6 +470,7 @@ def main(argv=None):
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+        mismatch = logprob_mismatch(sampler_logp, sampler_ok & resp_mask, old_logp)
         t3 = time.time()
         # 7. wake the engine with the new weights, streamed one parameter at a time from the FSDP shards
         engine.wake_up(fsdp_full_tensors(model))

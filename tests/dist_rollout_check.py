@@ -71,6 +71,9 @@ def main(model_dir: str, out_dir: str):
     common = engine.generate([render("qwen_math", QUESTIONS[0])], n=2, temperature=1.0, top_p=1.0,
                              max_new_tokens=MAX_NEW, seeds=[7])[0]
 
+    # Gathered per module, yet every yielded tensor stays valid after its module is resharded again.
+    gathered = list(fsdp_full_tensors(model))
+    full_equal = all(torch.equal(t, p.full_tensor()) for (_, t), p in zip(gathered, model.parameters()))
     ref = HFEngine(model_dir, seed=0, max_model_len=512, dtype="float32")
     ref.update_weights(fsdp_full_tensors(model))
     expected = greedy(ref, prompts)
@@ -78,7 +81,7 @@ def main(model_dir: str, out_dir: str):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(rank=rank, world=world, prompts=prompts, before=before, after=after, expected=expected,
                        names=names, hf_names=[n for n, _ in ref.model.named_parameters()],
-                       n_local=n_local, n_full=n_full, nan_logprobs=engine.nan_logprobs,
+                       n_local=n_local, full_equal=full_equal, n_full=n_full, nan_logprobs=engine.nan_logprobs,
                        common=[c.token_ids for c in common]), f)
     # No destroy_process_group() here: vLLM destroys its own groups (built on ours) at exit, which fails
     # once the default group is gone.

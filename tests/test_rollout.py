@@ -222,6 +222,7 @@ def test_two_ranks_fsdp2_sync(tiny_model_dir, tmp_path):
     for r in ranks:
         assert r["world"] == 2 and r["n_local"] < r["n_full"]  # the trainer's weights really were sharded
         assert r["names"] == r["hf_names"]  # streamed under the HF names, each parameter once
+        assert r["full_equal"]  # each streamed tensor equals DTensor.full_tensor() of its parameter
         assert r["after"] != r["before"]  # the engine took the new weights ...
         assert r["after"] == r["expected"]  # ... exactly: transformers with the same weights agrees
         assert r["nan_logprobs"] == 0
@@ -239,7 +240,7 @@ def test_nan_logprobs_are_masked_and_counted(vllm_engine):
         lp.append_fast([tok], [v], iter([1]), [None])
     before = vllm_engine.nan_logprobs
     c = vllm_engine._completion(CompletionOutput(index=0, text="ab", token_ids=[5, 6], cumulative_logprob=None,
-                                                 logprobs=lp, finish_reason="length"))
+                                                 logprobs=lp, finish_reason="length"), decode=False)
     assert c.logprobs == [-0.25, 0.0] and c.logprob_ok == [True, False] and c.truncated
     assert vllm_engine.nan_logprobs == before + 1
 
