@@ -375,7 +375,7 @@ def bench_rollout(argv):
         outs = engine.llm.generate(prompts, raw_params, use_tqdm=False)
         t0 = time.perf_counter()
         [engine.sampling_params(seed=s * args.n, **kw) for s in seeds]
-        [[engine._completion(o) for o in r.outputs] for r in outs]
+        [[engine._completion(o, decode=True) for o in r.outputs] for r in outs]  # no stop strings: ours decodes
         wrapper_ms = 1e3 * (time.perf_counter() - t0)
 
         hf = HFEngine(model_dir, seed=0, max_model_len=512, dtype="float32")
