@@ -282,8 +282,8 @@ def fsdp_full_tensors(model):
     Gathering goes by FSDP module: unshard() all-gathers a whole decoder layer in ONE collective, where
     DTensor.full_tensor() per parameter would be one each (~12 per layer; on gloo they were most of the sync
     time). One module is unsharded at a time, so no rank holds a second full copy of the model (beyond what the
-    consumer keeps of the yielded copies). Every rank
-    must iterate in the same order, to the end. Plain (unsharded) models pass through."""
+    consumer keeps of the yielded copies). Every rank must iterate in the same order, to the end. Plain
+    (unsharded) models pass through."""
     from torch.distributed.fsdp import FSDPModule
     owner = {}  # parameter name -> (the innermost FSDP module that shards it, the name inside that module)
     for prefix, m in model.named_modules():  # outer modules first; inner ones overwrite their parameters

@@ -479,7 +479,7 @@ def main(argv=None):
                 opt.zero_grad(set_to_none=True)
         mismatch = logprob_mismatch(sampler_logp, sampler_ok & resp_mask, old_logp)
         t3 = time.time()
-        # 7. wake the engine with the new weights, streamed one parameter at a time from the FSDP shards
+        # 7. wake the engine with the new weights, gathered from the FSDP shards one module at a time
         engine.wake_up(fsdp_full_tensors(model))
         t4 = time.time()
 
