@@ -446,8 +446,8 @@ def bench_train(argv):
            "--eval-limit", "2", "--eval-n", "2", "--eval-every", "1000", "--save-every", "1000",
            "--rollout-batch", "16", "--group-size", "8", "--train-batch", "128", "--micro-batch", str(args.micro_batch),
            "--max-new-tokens", "128", "--iterations", str(args.iterations), "--out-dir", out]
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                   stdout=None if args.log else subprocess.DEVNULL, stderr=None if args.log else subprocess.DEVNULL)
+    sink = None if args.log else subprocess.DEVNULL
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=sink, stderr=sink)
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     recs = [r for r in recs if "t_generate" in r][1:]  # drop iteration 1: warm-up (compilation, first batch)
     med = {k: statistics.median(r[k] for r in recs) for k in ("t_generate", "t_grade", "t_train", "t_sync")}

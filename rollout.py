@@ -127,6 +127,7 @@ class VLLMEngine:
         params = [self.sampling_params(n=k, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                                        stop=stop, seed=s) for s in req_seeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=progress)
+        # the rule of sampling_params: vLLM detokenizes only when there are stop strings, else we decode here
         return [[self._completion(o, decode=not stop) for o in out.outputs] * (n // k) for out in outputs]
 
     def _completion(self, o, decode: bool) -> Completion:
