@@ -6,6 +6,7 @@
     python bench.py train      # seconds per RL step on a fixed CPU workload, and its split
 
 Timings on shared 2-core machines are noisy: every figure is a median over >= 5 runs, variants interleaved.
+Each run first prints the host's CPU: the same commit on two hosts of this workplace ran 1.6x apart.
 """
 import json
 import sys
@@ -462,7 +463,24 @@ def bench_train(argv):
 COMMANDS["train"] = bench_train
 
 
+def host() -> str:
+    """One line naming the CPU, so figures from different machines are not compared blindly."""
+    import os
+    import platform
+    info = {}
+    if os.path.exists("/proc/cpuinfo"):  # Linux: the model name alone ("AMD EPYC") hides the generation
+        for line in open("/proc/cpuinfo"):
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    flags = info.get("flags", "").split()
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return (f"host: {name} (family {info.get('cpu family', '?')} model {info.get('model', '?')}), "
+            f"{os.cpu_count()} cores, {isa}")
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
         sys.exit(f"usage: python bench.py {{{'|'.join(COMMANDS) or 'grader|step|rollout|train'}}} [options]")
+    print(host())
     COMMANDS[sys.argv[1]](sys.argv[2:])
