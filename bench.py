@@ -6,7 +6,9 @@
     python bench.py train      # seconds per RL step on a fixed CPU workload, and its split
 
 Timings on shared 2-core machines are noisy: every figure is a median over >= 5 runs, variants interleaved.
-Each run first prints the host's CPU: the same commit on two hosts of this workplace ran 1.6x apart.
+Each run first prints the host's CPU and its fp32 matmul speed on one core at that moment: on this shared
+machine it moved between about 45 and 92 GFLOPS within an hour, and `bench.py train` of one commit by 1.6x
+with it.
 """
 import json
 import sys
@@ -464,7 +466,8 @@ COMMANDS["train"] = bench_train
 
 
 def host() -> str:
-    """One line naming the CPU, so figures from different machines are not compared blindly."""
+    """One line naming the CPU and timing a matmul, so figures taken at different times or on different machines
+    are not compared blindly."""
     import os
     import platform
     info = {}
@@ -475,8 +478,21 @@ def host() -> str:
     flags = info.get("flags", "").split()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     name = info.get("model name") or platform.processor() or platform.machine()
+    import time
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a = torch.randn(512, 512)                                                    # (512, 512)
+    times = []
+    for _ in range(5):  # best of 5 x 20 products: how fast one core is right now, neighbours included
+        t0 = time.perf_counter()
+        for _ in range(20):
+            a @ a
+        times.append(time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    gflops = 20 * 2 * 512 ** 3 / min(times) / 1e9
     return (f"host: {name} (family {info.get('cpu family', '?')} model {info.get('model', '?')}), "
-            f"{os.cpu_count()} cores, {isa}")
+            f"{os.cpu_count()} cores, {isa}; fp32 matmul on one core now: {gflops:.0f} GFLOPS")
 
 
 if __name__ == "__main__":
