@@ -7,9 +7,10 @@
                                                                             sharded parameters + AdamW state
         trainer/rank{r}.pt                                                  per-rank RNG states, scheduler, counters
 
-Atomic: everything is written under .tmp-step_N and renamed to step_N by rank 0 only after every rank has
-finished, so a crash mid-save never leaves a directory that looks complete (resume ignores and removes .tmp-*).
-The last `keep` step directories are kept.
+Atomic: everything is written under .tmp-step_N, flushed to disk, and renamed to step_N by rank 0 only after
+every rank has finished, so a crash mid-save never leaves a directory that looks complete (resume ignores and
+removes .tmp-*). The last `keep` step directories are kept; older ones are deleted only once the new one is on
+disk, so a power loss cannot leave a complete-looking step_N with empty files and no good checkpoint.
 """
 import glob
 import json
@@ -66,12 +67,25 @@ def save(out_dir: str, step: int, model, optimizer, scheduler, tokenizer, genera
     del full
     dist.barrier()
     if rank == 0:
+        for root, _, files in os.walk(tmp):  # DCP syncs its shards; the rest (rank*.pt, the HF files) is ours
+            for name in [*files, "."]:
+                fsync(os.path.join(root, name))
         shutil.rmtree(final, ignore_errors=True)   # a re-save of the same step after a resume
         os.rename(tmp, final)                        # the commit point
+        fsync(out_dir)                               # the rename itself is on disk
         for old in step_dirs(out_dir)[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
     return final
+
+
+def fsync(path: str):
+    """Flush a file or a directory (its entries) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load(path: str, model, optimizer, scheduler, rank: int) -> dict:

@@ -130,6 +130,12 @@ def check_config(cfg: Config, world: int) -> str:
         return f"--algo must be grpo or drgrpo, got {cfg.algo!r}"
     if cfg.template not in TEMPLATES or not TEMPLATES[cfg.template].train:
         return f"--template {cfg.template!r} is not a training template (qwen_math, r1, no)"
+    # grader_workers >= 1: workers=0 grades in-process with no time limit, and model output must not hang a rank
+    for name in ("rollout_batch", "train_batch", "iterations", "passes", "micro_batch", "max_new_tokens",
+                 "max_prompt_tokens", "ppo_epochs", "eval_every", "eval_n", "eval_max_new_tokens", "save_every",
+                 "keep", "log_samples_every", "grader_workers"):
+        if getattr(cfg, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1"
     if cfg.rollout_batch % world:
         return f"--rollout-batch {cfg.rollout_batch} prompts do not split into whole groups over {world} ranks"
     responses = cfg.rollout_batch * cfg.group_size
@@ -138,10 +144,6 @@ def check_config(cfg: Config, world: int) -> str:
                 f"(--rollout-batch x --group-size) and split evenly over {world} ranks")
     if cfg.group_size < 2:
         return "--group-size must be at least 2 (advantages are relative to the group)"
-    for name in ("iterations", "passes", "micro_batch", "max_new_tokens", "ppo_epochs", "eval_every", "eval_n",
-                 "save_every", "keep", "log_samples_every"):
-        if getattr(cfg, name) < 1:
-            return f"--{name.replace('_', '-')} must be >= 1"
     for name in ("temperature", "grad_clip", "lr"):  # temperature 0 would be greedy: G identical samples
         if getattr(cfg, name) <= 0:
             return f"--{name.replace('_', '-')} must be > 0"
@@ -149,8 +151,8 @@ def check_config(cfg: Config, world: int) -> str:
         return "--top-p must be in (0, 1]"
     if not (0 <= cfg.eps_low < 1 and cfg.eps_high >= 0):
         return "--eps-low must be in [0, 1) and --eps-high >= 0"
-    if cfg.warmup_steps < 0 or cfg.eval_limit < 0 or cfg.beta < 0 or cfg.tis_cap < 0:
-        return "--warmup-steps, --eval-limit, --beta and --tis-cap must be >= 0"
+    if min(cfg.warmup_steps, cfg.eval_limit, cfg.beta, cfg.tis_cap, cfg.eval_temperature) < 0:
+        return "--warmup-steps, --eval-limit, --beta, --tis-cap and --eval-temperature must be >= 0"
     if cfg.lr_schedule not in ("constant", "cosine"):
         return f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}"
     if cfg.engine not in ("auto", "vllm", "hf"):
@@ -158,6 +160,24 @@ def check_config(cfg: Config, world: int) -> str:
     if not 0 <= cfg.overlong_penalty < cfg.max_new_tokens:
         return "--overlong-penalty must be in [0, --max-new-tokens)"
     return ""
+
+
+# Run management and memory knobs: the trajectory does not depend on them, so a resumed run may change them.
+RESUME_MAY_CHANGE = {"iterations", "passes", "micro_batch", "grad_checkpointing", "threads", "grader_workers",
+                     "grader_timeout", "gpu_memory_utilization", "out_dir", "resume", "save_every", "keep",
+                     "log_samples_every", "wandb", "recipe", "eval_file", "eval_every", "eval_limit", "eval_n",
+                     "eval_temperature", "eval_max_new_tokens"}
+
+
+def resume_error(cfg: Config, saved: dict, saved_world: int, world: int) -> str:
+    """Why the checkpoint's run cannot go on as this one ('' if it can): a different world size, or a
+    setting that changes the trajectory (seed, data, objective, schedule...) would silently make another run."""
+    if saved_world != world:
+        return f"the checkpoint was written by {saved_world} ranks, this run has {world}"
+    now = dataclasses.asdict(cfg)
+    diff = [f"--{k.replace('_', '-')} {saved[k]} (now {now[k]})" for k in now
+            if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+    return f"the checkpoint's run had {', '.join(diff)}; resume with the same values or a new --out-dir" if diff else ""
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -175,7 +195,10 @@ def load_questions(path: str, tokenizer, template: str, max_prompt_tokens: int):
     for r in rows:
         r["prompt"] = render(template, r["problem"], tokenizer)
     lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows])["input_ids"]]
-    return [r for r, n in zip(rows, lengths) if n <= max_prompt_tokens]
+    rows = [r for r, n in zip(rows, lengths) if n <= max_prompt_tokens]
+    if not rows:
+        sys.exit(f"train.py: {path} has no question whose prompt fits in --max-prompt-tokens {max_prompt_tokens}")
+    return rows
 
 
 def iteration_prompts(n_rows: int, iteration: int, rollout_batch: int, seed: int):
@@ -190,9 +213,11 @@ def iteration_prompts(n_rows: int, iteration: int, rollout_batch: int, seed: int
     return out
 
 
-def request_seed(seed: int, iteration: int, prompt_index: int) -> int:
-    """Each request carries its own sampling seed, so a resumed run samples exactly what it would have."""
-    return (seed * 1_000_003 + iteration * 7_919 + prompt_index) % (2 ** 31 - 1)
+def request_seed(seed: int, iteration: int, position: int) -> int:
+    """Each request carries its own sampling seed, so a resumed run samples exactly what it would have. Keyed by
+    the prompt's position in the iteration, not its index: a prompt that appears twice in one iteration (at the
+    end of a pass) must get two different groups, not the same one twice."""
+    return (seed * 1_000_003 + iteration * 7_919 + position) % (2 ** 31 - 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -326,6 +351,17 @@ def main(argv=None):
     from templates import get_template
     from transformers import AutoTokenizer, GenerationConfig
     print0(json.dumps(dataclasses.asdict(cfg), indent=1), rank=rank)
+    # Resuming needs only files: checked before any model or engine starts. Every rank reads the same files,
+    # so all stop together.
+    checkpoint.clean_partial(cfg.out_dir, rank)
+    latest = checkpoint.step_dirs(cfg.out_dir)[-1:]
+    if latest and not cfg.resume:  # its old step_N would sort after ours and push them out of --keep
+        sys.exit(f"train.py: --out-dir {cfg.out_dir} holds checkpoints of another run; --resume false needs a new one")
+    if latest:
+        with open(os.path.join(latest[0], "train_config.json")) as f:
+            err = resume_error(cfg, json.load(f), checkpoint.saved_world(latest[0]), world)
+        if err:
+            sys.exit(f"train.py: cannot resume {latest[0]}: {err}")
     template = get_template(cfg.template)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     generation_config = GenerationConfig.from_pretrained(cfg.model)
@@ -351,12 +387,6 @@ def main(argv=None):
                             weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg, iterations * steps_per_iter)
     start = 0
-    checkpoint.clean_partial(cfg.out_dir, rank)
-    latest = checkpoint.step_dirs(cfg.out_dir)[-1:]
-    if latest and not cfg.resume:  # its old step_N would sort after ours and push them out of --keep
-        sys.exit(f"train.py: --out-dir {cfg.out_dir} holds checkpoints of another run; --resume false needs a new one")
-    if latest and checkpoint.saved_world(latest[0]) != world:  # every rank sees the same files: all stop together
-        sys.exit(f"train.py: {latest[0]} was written by {checkpoint.saved_world(latest[0])} ranks, this run has {world}")
     if latest:
         start = checkpoint.load(latest[0], model, opt, sched, rank)["iteration"]
         print0(f"resumed from {latest[0]} at iteration {start}", rank=rank)
@@ -390,12 +420,13 @@ def main(argv=None):
                       f"({len(heldout)} problems x {cfg.eval_n}, T={cfg.eval_temperature})")
             with open(metrics_path, "w") as f:
                 f.write(json.dumps(rec) + "\n")
-    elif rank == 0:  # drop what the interrupted run logged after its last checkpoint (and a torn last line)
+    if rank == 0:  # drop what an interrupted run logged after its last checkpoint (all of it if it had none)
         for path in (metrics_path, samples_path):
             keep = [line for line in open(path)] if os.path.exists(path) else []
             keep = [line for line in keep if line.endswith("\n") and json.loads(line)["iteration"] <= start]
-            with open(path, "w") as f:
+            with open(path + ".tmp", "w") as f:  # replaced in one step: a kill here loses no history
                 f.writelines(keep)
+            os.replace(path + ".tmp", path)
 
     for it in range(start, iterations):
         t0 = time.time()
@@ -403,13 +434,13 @@ def main(argv=None):
         global_idx = iteration_prompts(len(questions), it, cfg.rollout_batch, cfg.seed)
         mine = global_idx[rank::world]
         rows = [questions[i] for i in mine]
-        nan_before = engine.nan_logprobs
+        nan_before, timeouts_before = engine.nan_logprobs, pool.timeouts
         # 2. generate G responses per prompt with the colocated engine, then put it to sleep. The reset makes
         # the samples depend on weights and seeds only (not on what an evaluation left cached): exact resume.
         engine.reset_prefix_cache()
         groups = engine.generate([r["prompt"] for r in rows], n=cfg.group_size, temperature=cfg.temperature,
                                  top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=template.stop,
-                                 seeds=[request_seed(cfg.seed, it, i) for i in mine])
+                                 seeds=[request_seed(cfg.seed, it, j) for j in range(rank, cfg.rollout_batch, world)])
         engine.sleep()
         comps = [c for g in groups for c in g]                                   # group-major, B = len(rows) * G
         golds = [r["answer"] for r in rows for _ in range(cfg.group_size)]
@@ -489,7 +520,7 @@ def main(argv=None):
         s = all_sum([float(rewards.sum()), float(correct.sum()), float(formatted.sum()), float(truncated.sum()),
                      float(lengths[ok].sum()), float(ok.sum()), float(lengths[~ok].sum()), float((~ok).sum()),
                      float(lengths.sum()), adv_stats["zero_adv_group_frac"], mismatch if mismatch == mismatch else 0.0,
-                     float(engine.nan_logprobs - nan_before), float(mismatch == mismatch), float(pool.timeouts)]
+                     float(engine.nan_logprobs - nan_before), float(mismatch == mismatch), float(pool.timeouts - timeouts_before)]
                     + [summed[k] for k in keys], device)
         n = B * world
         tok = {k: s[14 + i] for i, k in enumerate(keys)}

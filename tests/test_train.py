@@ -53,6 +53,21 @@ def test_config_errors_name_the_flag(monkeypatch):
     assert "--temperature" in config_error(["--temperature", "0"], monkeypatch=monkeypatch)
     assert "--grad-clip" in config_error(["--grad-clip", "0"], monkeypatch=monkeypatch)
     assert "--log-samples-every" in config_error(["--log-samples-every", "0"], monkeypatch=monkeypatch)
+    assert "--rollout-batch must be >= 1" in config_error(["--rollout-batch", "0"], monkeypatch=monkeypatch)
+    assert "--train-batch must be >= 1" in config_error(["--train-batch", "0"], monkeypatch=monkeypatch)
+    assert "--grader-workers" in config_error(["--grader-workers", "0"], monkeypatch=monkeypatch)
+    assert "--eval-temperature" in config_error(["--eval-temperature", "-1"], monkeypatch=monkeypatch)
+
+
+def test_resume_refuses_a_changed_run(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    saved = train.dataclasses.asdict(train.parse_config(["--recipe", "cpu_demo"]))
+    same = train.parse_config(["--recipe", "cpu_demo", "--iterations", "300", "--micro-batch", "8"])
+    assert train.resume_error(same, saved, saved_world=2, world=2) == ""  # longer run, smaller micro-batches
+    assert "2 ranks, this run has 4" in train.resume_error(same, saved, saved_world=2, world=4)
+    other = train.parse_config(["--recipe", "cpu_demo", "--seed", "7", "--algo", "grpo"])
+    err = train.resume_error(other, saved, saved_world=2, world=2)
+    assert "--seed 42 (now 7)" in err and "--algo drgrpo (now grpo)" in err and "--lr" not in err
 
 
 def test_unknown_flag_is_an_error(capsys, monkeypatch):
@@ -69,6 +84,10 @@ def test_bad_row_fails_with_file_and_line(tmp_path, tiny_model_dir):
     with pytest.raises(SystemExit) as e:
         train.load_questions(path, tok, "qwen_math", 1024)
     assert f"{path}:2" in str(e.value.code) and "answer" in str(e.value.code)
+    path = write_jsonl(tmp_path / "long.jsonl", [{"problem": "1+1?", "answer": "2"}])
+    with pytest.raises(SystemExit) as e:  # every prompt filtered out: say so, do not run zero iterations
+        train.load_questions(path, tok, "qwen_math", 4)
+    assert path in str(e.value.code) and "--max-prompt-tokens 4" in str(e.value.code)
 
 
 # ---- sampler and rewards -----------------------------------------------------------------------------------
@@ -84,6 +103,9 @@ def test_sampler_shards_never_overlap_and_reshuffle_each_pass():
     second = [i for it in range(5, 10) for i in train.iteration_prompts(n, it, R, seed=3)]
     assert sorted(second) == list(range(n)) and second != seen  # reshuffled
     assert train.iteration_prompts(n, 7, R, seed=3) == train.iteration_prompts(n, 7, R, seed=3)
+    # fewer prompts than a batch: one prompt comes twice in an iteration, yet every request's seed is its own
+    idx = train.iteration_prompts(5, 0, R, seed=3)
+    assert len(set(idx)) < R and len({train.request_seed(3, 0, j) for j in range(R)}) == R
 
 
 def test_truncated_responses_get_zero_reward():
@@ -160,6 +182,16 @@ def test_end_to_end_two_processes(full_run):
     assert "step_000004" in p.stdout + p.stderr and os.path.isfile(os.path.join(out, "eval.json"))
 
 
+def test_resume_with_other_settings_stops_before_starting(full_run, demo_model_dir, demo_data):
+    out, _ = full_run
+    before = sorted(os.listdir(out))
+    p = subprocess.run(run_args(demo_model_dir, demo_data, out, ["--seed", "7"]), env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode != 0 and "cannot resume" in p.stderr and "--seed 42 (now 7)" in p.stderr
+    # one line from the ranks, no traceback of theirs (torchrun adds its own report); nothing written or removed
+    assert 'train.py", line' not in p.stderr and sorted(os.listdir(out)) == before
+
+
 def final_state(step_dir):
     """Parameters and AdamW state of a checkpoint, as one flat dict of tensors."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -202,6 +234,8 @@ def test_resume_after_sigkill_is_exact(full_run, demo_model_dir, demo_data, tmp_
     ref_dir, _ = full_run
     out = str(tmp_path / "killed")
     args = run_args(demo_model_dir, demo_data, out)
+    os.makedirs(out)  # what an attempt killed before its first checkpoint left: a fresh start must drop it
+    write_jsonl(os.path.join(out, "samples.jsonl"), [{"iteration": 2, "response": "stale"}])
     rng = random.Random(1234)  # the kill points are seeded
     mid_save = rng.randint(1, 2)
     # 1. killed in the middle of writing checkpoint `mid_save`: its temp directory exists, it is not complete
@@ -218,6 +252,12 @@ def test_resume_after_sigkill_is_exact(full_run, demo_model_dir, demo_data, tmp_
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["iteration"] for r in recs] == list(range(ITERS + 1))
     assert all(r.get("grader_timeouts", 0) == 0 for r in recs)
+    # the logs are the uninterrupted run's too, timings aside
+    ref_recs = [json.loads(line) for line in open(os.path.join(ref_dir, "metrics.jsonl"))]
+    untimed = [{k: v for k, v in r.items() if not k.startswith("t_") and k != "tokens_per_s"} for r in recs]
+    assert untimed == [{k: v for k, v in r.items() if not k.startswith("t_") and k != "tokens_per_s"}
+                       for r in ref_recs]
+    assert open(os.path.join(out, "samples.jsonl")).read() == open(os.path.join(ref_dir, "samples.jsonl")).read()
     a, b = final_state(os.path.join(ref_dir, f"step_{ITERS:06d}")), final_state(os.path.join(out, f"step_{ITERS:06d}"))
     assert a.keys() == b.keys() and any("exp_avg" in k for k in a)
     for k in a:
