@@ -408,7 +408,11 @@ def main(argv=None):
     if cfg.wandb and rank == 0:
         try:
             import wandb
-            wb = wandb.init(project=cfg.wandb, config=dataclasses.asdict(cfg), resume="allow")
+            id_path = os.path.join(cfg.out_dir, "wandb_id")  # a resumed run logs into the same wandb run
+            run_id = open(id_path).read().strip() if os.path.exists(id_path) else os.urandom(6).hex()  # no RNG used
+            with open(id_path, "w") as f:
+                f.write(run_id)
+            wb = wandb.init(project=cfg.wandb, id=run_id, config=dataclasses.asdict(cfg), resume="allow")
         except ImportError:
             print0("wandb is not installed: logging to metrics.jsonl only")
     from tqdm import tqdm
