@@ -470,6 +470,8 @@ def host() -> str:
     are not compared blindly."""
     import os
     import platform
+    import time
+    import torch
     info = {}
     if os.path.exists("/proc/cpuinfo"):  # Linux: the model name alone ("AMD EPYC") hides the generation
         for line in open("/proc/cpuinfo"):
@@ -478,8 +480,6 @@ def host() -> str:
     flags = info.get("flags", "").split()
     isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     name = info.get("model name") or platform.processor() or platform.machine()
-    import time
-    import torch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     a = torch.randn(512, 512)                                                    # (512, 512)

@@ -524,7 +524,8 @@ def main(argv=None):
         s = all_sum([float(rewards.sum()), float(correct.sum()), float(formatted.sum()), float(truncated.sum()),
                      float(lengths[ok].sum()), float(ok.sum()), float(lengths[~ok].sum()), float((~ok).sum()),
                      float(lengths.sum()), adv_stats["zero_adv_group_frac"], mismatch if mismatch == mismatch else 0.0,
-                     float(engine.nan_logprobs - nan_before), float(mismatch == mismatch), float(pool.timeouts - timeouts_before)]
+                     float(engine.nan_logprobs - nan_before), float(mismatch == mismatch),
+                     float(pool.timeouts - timeouts_before)]
                     + [summed[k] for k in keys], device)
         n = B * world
         tok = {k: s[14 + i] for i, k in enumerate(keys)}
