@@ -4,20 +4,26 @@ The paper's point fits in two lines: GRPO divides each advantage by its group's 
 bias) and each response's loss by its own length |o_i| (length bias); Dr. GRPO removes both. The GRPO section
 and the Dr. GRPO section below are a deliberate near-duplicate: diff them and those two lines are what differ.
 
+Layout. The trainer packs several responses back to back into one padding-free row (train.py), so the loss
+functions see tokens, not responses: logp, old_logp, mask and `seq` share one shape (a packed (1, T) row, or
+(B, T) right-padded rows), seq[t] numbers the response that token t belongs to, and adv holds one advantage per
+response, adv[seq] being the token's. A response never straddles two micro-batches, so a per-response sum
+(GRPO's |o_i|) is complete inside one call.
+
 Batch units. One optimizer step consumes a minibatch of N responses (global, across ranks), split into
 micro-batches only to fit memory. Each loss function returns  sum_{i in micro-batch} L_i / N,  N = n_responses
 computed once by the caller, so summing .backward() over micro-batches AND ranks yields the minibatch gradient
 (1/N) sum_i grad L_i. FSDP2 averages gradients over ranks by default, which would divide by the world size a
 second time, so on EVERY module wrapped with fully_shard (the setting is per module, not inherited) call
 `m.set_gradient_divide_factor(1.0)` and `m.set_force_sum_reduction_for_comms(True)` (a plain SUM reduce-scatter;
-gloo has no PREMUL_SUM). tests/dist_loss_check.py checks this on 2 gloo ranks.
+gloo has no PREMUL_SUM). tests/dist_loss_check.py checks this on 2 gloo ranks, packed and padded.
 
 Metrics are summable: every value is a sum over the micro-batch's unmasked tokens (plus the token count
 "tokens"); add them over micro-batches and ranks, then mean_metrics() divides by the count.
 Options off by default, as in the paper's recipe: beta > 0 adds a k3 KL to a reference policy (with beta = 0 no
 reference log-probs are needed, so none are passed); tis_cap = C weights each token by min(p_old / p_sampler, C)
 (truncated importance sampling against the sampler's processed log-probs). The overlong filter (zero the mask
-rows of truncated responses; they still count in N, as in Oat) and several PPO epochs live in train.py.
+of truncated responses; they still count in N, as in Oat) and several PPO epochs live in train.py.
 """
 import torch
 import torch.nn.functional as F
@@ -42,17 +48,23 @@ def _chunk_logprobs(h, weight, bias, targets, temperature: float):
     return logp, entropy
 
 
-def token_logprobs(model, input_ids, attention_mask, targets_mask, temperature: float, chunk: int = 1024):
+def token_logprobs(model, input_ids, attention_mask, targets_mask, temperature: float, chunk: int = 1024,
+                   position_ids=None):
     """logp[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) at the sampler's temperature, and the entropy of
     that next-token distribution (detached); both (B, T), zero wherever targets_mask is 0.
+
+    Packed rows: pass position_ids restarting at 0 at each sequence and attention_mask=None; transformers then
+    keeps attention inside each sequence (flash-attention's varlen kernel on GPU, a block-diagonal mask with sdpa).
+    A target's previous token must belong to the same sequence: true when every sequence starts with its prompt.
 
     The output embedding is applied in chunks of `chunk` positions over the masked positions only, each under
     activation checkpointing: forward and backward hold the (chunk, V) buffers of one chunk at a time, never
     the (B, T, V) logits (fp32 logits of 8 x 4,096 tokens x Qwen's 151,936 vocabulary are 20 GB).
     """
     # logits_to_keep=1: the model's own head runs on one position only; we want the final (normed) hidden states.
-    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                logits_to_keep=1, use_cache=False)
+    # use_cache=False is required for packing: with a cache object transformers builds no block mask.
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1]                                               # (B, T, H)
     # Read the head weight AFTER the forward: FSDP2 unshards the root's params then and does not reshard them
     # until backward, so this is the full weight and its gradient is reduce-scattered like any other.
@@ -78,10 +90,9 @@ def advantage_stats(rewards, adv) -> dict:
             "adv_max": adv.max().item(), "zero_adv_group_frac": zero.mean().item()}
 
 
-def policy_term(logp, old_logp, adv, m, eps_low, eps_high, beta, ref_logp, sampler_logp, tis_cap):
+def policy_term(logp, old_logp, a, m, eps_low, eps_high, beta, ref_logp, sampler_logp, tis_cap):
     """Per-token loss (B, T): PPO clipped surrogate (clip-higher: separate eps), optional TIS weight and k3 KL.
-    Returns it with the token-sum metrics."""
-    a = adv[:, None]                                                             # (B, 1) one scalar per response
+    `a` is each token's advantage (its response's). Returns the loss with the token-sum metrics."""
     keep = m > 0  # where(), not a product: whatever padding holds (inf, nan) cannot reach the loss or gradient
     log_ratio = torch.where(keep, logp - old_logp, 0.0)                          # (B, T)
     ratio = log_ratio.exp()                                                      # (B, T)
@@ -120,15 +131,17 @@ def grpo_advantages(rewards, group_size: int):
     return adv.view(-1), advantage_stats(r, adv)
 
 
-def grpo_loss(logp, old_logp, adv, mask, n_responses: int, eps_low=0.2, eps_high=0.2, beta=0.0,
+def grpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, eps_low=0.2, eps_high=0.2, beta=0.0,
               ref_logp=None, sampler_logp=None, tis_cap=None):
-    """logp, old_logp, mask: (B, T) for this micro-batch; adv (B,). Returns (sum_i L_i / n_responses, metrics)."""
+    """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
+    Returns (sum_i L_i / n_responses, metrics)."""
     m = mask.to(logp.dtype)                                                      # (B, T)
-    per_tok, metrics = policy_term(logp, old_logp, adv, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
+    per_tok, metrics = policy_term(logp, old_logp, adv[seq], m, eps_low, eps_high, beta, ref_logp, sampler_logp,
                                    tis_cap)                                      # (B, T)
     # Bias 2 (length): token MEAN over the response's own length |o_i|.
-    per_resp = (per_tok * m).sum(1) / m.sum(1).clamp(min=1)                      # (B,)
-    return per_resp.sum() / n_responses, metrics
+    o_len = torch.zeros_like(adv, dtype=m.dtype).index_add_(0, seq.flatten(), m.flatten())  # (S,) |o_i|
+    per_resp = (per_tok * m / o_len[seq].clamp(min=1)).sum()                     # sum_i L_i
+    return per_resp / n_responses, metrics
 
 
 # ---- Dr. GRPO (this paper) -------------------------------------------------------------------------------------
@@ -140,12 +153,13 @@ def drgrpo_advantages(rewards, group_size: int):
     return adv.view(-1), advantage_stats(r, adv)
 
 
-def drgrpo_loss(logp, old_logp, adv, mask, n_responses: int, max_new_tokens: int, eps_low=0.2, eps_high=0.2,
+def drgrpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, max_new_tokens: int, eps_low=0.2, eps_high=0.2,
                 beta=0.0, ref_logp=None, sampler_logp=None, tis_cap=None):
-    """logp, old_logp, mask: (B, T) for this micro-batch; adv (B,). Returns (sum_i L_i / n_responses, metrics)."""
+    """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
+    Returns (sum_i L_i / n_responses, metrics)."""
     m = mask.to(logp.dtype)                                                      # (B, T)
-    per_tok, metrics = policy_term(logp, old_logp, adv, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
+    per_tok, metrics = policy_term(logp, old_logp, adv[seq], m, eps_low, eps_high, beta, ref_logp, sampler_logp,
                                    tis_cap)                                      # (B, T)
     # No bias 2: token SUM over a CONSTANT, the generation budget, the same for every response.
-    per_resp = (per_tok * m).sum(1) / max_new_tokens                             # (B,)
-    return per_resp.sum() / n_responses, metrics
+    per_resp = (per_tok * m / max_new_tokens).sum()                              # sum_i L_i
+    return per_resp / n_responses, metrics

@@ -41,7 +41,11 @@ class Config:
     max_prompt_tokens: int = 1024         # longer prompts are skipped when the question set is loaded
     # update schedule
     train_batch: int = 128                # responses per optimizer step, across all ranks (128 -> 8 steps/iter)
-    micro_batch: int = 8                  # responses per forward/backward on one rank (memory only)
+    # Tokens (prompt + response) per packed row, one row per forward/backward on a rank (memory only). 7B on an
+    # 80 GB GPU with checkpointing: each token keeps its 28 layer inputs (28 x 3,584 x 2 B = 0.2 MB) plus one
+    # layer's recompute in backward (~0.5 MB: qkv, attention out, 2 x 18,944 MLP in bf16, fp32 norms), ~0.7 MB
+    # in all; 16k tokens ~ 11 GB beside the sharded fp32 weights, grads and AdamW (7.6B x 16 B / 8 = 15 GB).
+    max_tokens_per_micro_batch: int = 16384
     ppo_epochs: int = 1                   # passes over each iteration's responses
     iterations: int = 200                 # policy iterations to run
     passes: int = 20                      # stop earlier if the prompts have been gone through this many times
@@ -91,7 +95,7 @@ RECIPES = {
     "cpu_demo": dict(
         model="data/demo/model", questions="data/demo/train.jsonl", eval_file="data/demo/heldout.jsonl",
         rollout_batch=32, group_size=8, max_new_tokens=64, max_prompt_tokens=128, train_batch=128,
-        micro_batch=64, iterations=100, lr=2e-4, warmup_steps=0, eval_every=20, eval_n=8, eval_temperature=1.0,
+        max_tokens_per_micro_batch=2048, iterations=100, lr=2e-4, warmup_steps=0, eval_every=20, eval_n=8, eval_temperature=1.0,
         eval_max_new_tokens=64, out_dir="runs/cpu_demo", save_every=20, log_samples_every=10,
         grad_checkpointing=False, grader_workers=1, threads=1),
 }
@@ -131,17 +135,17 @@ def check_config(cfg: Config, world: int) -> str:
     if cfg.template not in TEMPLATES or not TEMPLATES[cfg.template].train:
         return f"--template {cfg.template!r} is not a training template (qwen_math, r1, no)"
     # grader_workers >= 1: workers=0 grades in-process with no time limit, and model output must not hang a rank
-    for name in ("rollout_batch", "train_batch", "iterations", "passes", "micro_batch", "max_new_tokens",
-                 "max_prompt_tokens", "ppo_epochs", "eval_every", "eval_n", "eval_max_new_tokens", "save_every",
+    for name in ("rollout_batch", "train_batch", "iterations", "passes", "max_tokens_per_micro_batch",
+                 "max_new_tokens", "max_prompt_tokens", "ppo_epochs", "eval_every", "eval_n", "eval_max_new_tokens", "save_every",
                  "keep", "log_samples_every", "grader_workers"):
         if getattr(cfg, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
     if cfg.rollout_batch % world:
         return f"--rollout-batch {cfg.rollout_batch} prompts do not split into whole groups over {world} ranks"
     responses = cfg.rollout_batch * cfg.group_size
-    if cfg.train_batch % world or responses % cfg.train_batch:
+    if responses % cfg.train_batch:  # equal minibatches; they are split over ranks by tokens, not by count
         return (f"--train-batch {cfg.train_batch} must divide the {responses} responses of an iteration "
-                f"(--rollout-batch x --group-size) and split evenly over {world} ranks")
+                f"(--rollout-batch x --group-size)")
     if cfg.group_size < 2:
         return "--group-size must be at least 2 (advantages are relative to the group)"
     for name in ("temperature", "grad_clip", "lr"):  # temperature 0 would be greedy: G identical samples
@@ -163,7 +167,7 @@ def check_config(cfg: Config, world: int) -> str:
 
 
 # Run management and memory knobs: the trajectory does not depend on them, so a resumed run may change them.
-RESUME_MAY_CHANGE = {"iterations", "passes", "micro_batch", "grad_checkpointing", "threads", "grader_workers",
+RESUME_MAY_CHANGE = {"iterations", "passes", "max_tokens_per_micro_batch", "grad_checkpointing", "threads", "grader_workers",
                      "grader_timeout", "gpu_memory_utilization", "out_dir", "resume", "save_every", "keep",
                      "log_samples_every", "wandb", "recipe", "eval_file", "eval_every", "eval_limit", "eval_n",
                      "eval_temperature", "eval_max_new_tokens"}
@@ -239,11 +243,11 @@ def setup_distributed(threads: int):
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
-def all_sum(values: list, device) -> list:
-    """Sum a list of floats over ranks (metrics are sent as sums and counts, then divided)."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
+def all_sum(values: dict, device) -> dict:
+    """Sum named numbers (floats or 0-d tensors) over ranks: metrics are sent as sums and counts, then divided."""
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.tolist()
+    return dict(zip(values, t.tolist()))
 
 
 def print0(*args, rank: int = 0):
@@ -299,35 +303,80 @@ def shape_rewards(correct, truncated, lengths, max_new_tokens: int, overlong_pen
     return rewards
 
 
-def pack(prompt_ids: list, completions: list, pad_id: int):
-    """Right-padded (B, T) tensors of prompt + response; response positions marked in resp_mask, with the
-    sampler's log-probs (and their validity) at the same positions."""
-    rows = [p + c.token_ids for p, c in zip(prompt_ids, completions)]
-    B, T = len(rows), max(map(len, rows))
-    input_ids = torch.full((B, T), pad_id, dtype=torch.long)                    # (B, T)
-    attn = torch.zeros(B, T, dtype=torch.long)                                   # (B, T)
-    resp_mask = torch.zeros(B, T, dtype=torch.bool)                              # (B, T)
-    sampler_logp = torch.zeros(B, T)                                             # (B, T)
-    sampler_ok = torch.zeros(B, T, dtype=torch.bool)                             # (B, T)
-    for i, (p, c) in enumerate(zip(prompt_ids, completions)):
-        n, m = len(p), len(c.token_ids)
-        input_ids[i, :n + m] = torch.tensor(rows[i])
-        attn[i, :n + m] = 1
-        resp_mask[i, n:n + m] = True
-        sampler_logp[i, n:n + m] = torch.tensor(c.logprobs)
-        sampler_ok[i, n:n + m] = torch.tensor(c.logprob_ok)
-    return input_ids, attn, resp_mask, sampler_logp, sampler_ok
+def gather_all(obj, world: int) -> list:
+    """Every rank's obj, in rank order (any picklable value; a list of one on a single process)."""
+    if world == 1:
+        return [obj]
+    parts = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
-def micro_batches(rows: torch.Tensor, size: int):
-    """Index tensors of at most `size` rows (the last may be smaller)."""
-    return [rows[i:i + size] for i in range(0, len(rows), size)]
+def share_rollouts(prompt_ids: list, completions: list, adv, keep, world: int) -> list:
+    """Every rank's responses of this iteration, in rank order: the update splits minibatches over ranks by
+    tokens, so any rank may train on any response. Per response: prompt + response ids, the prompt length, its
+    advantage, whether it is kept in the loss (the overlong filter), and the sampler's log-probs."""
+    mine = [{"ids": torch.tensor(p + c.token_ids), "prompt": len(p), "adv": float(a), "keep": bool(k),
+             "sampler": torch.tensor(c.logprobs), "ok": torch.tensor(c.logprob_ok)}
+            for p, c, a, k in zip(prompt_ids, completions, adv.tolist(), keep.tolist())]
+    return [s for part in gather_all(mine, world) for s in part]
 
 
-def crop(idx, *tensors):
-    """Rows idx of (B, T) tensors, cut to the longest of those rows (right padding)."""
-    T = int(tensors[1][idx].sum(1).max())  # tensors[1] is the attention mask
-    return [t[idx, :T] for t in tensors]
+def balance(lengths: dict, world: int, max_tokens: int) -> list:
+    """Split one optimizer minibatch {sequence: tokens} over ranks and micro-steps: plan[step][rank] is the list
+    of sequences one rank packs into one row at that step. Ranks get equal tokens, not equal counts (longest
+    first, each to the least-loaded rank), then each rank's share is packed first-fit-decreasing into rows of
+    at most max_tokens (a longer sequence gets a row of its own). Rows are ordered longest first, so ranks
+    work on similar rows at each step; a rank with fewer rows runs empty ones, as FSDP2's collectives need
+    every rank in every step. Deterministic: same plan on every rank and after resume."""
+    order = sorted(lengths, key=lambda i: (-lengths[i], i))
+    load, shares = [0] * world, [[] for _ in range(world)]
+    for i in order:
+        r = min(range(world), key=lambda r: (load[r], r))
+        load[r] += lengths[i]
+        shares[r].append(i)
+    rows = []
+    for share in shares:
+        mine = []  # [tokens, sequences] per row
+        for i in share:
+            fit = next((row for row in mine if row[0] + lengths[i] <= max_tokens), None)
+            if fit is None:
+                mine.append([lengths[i], [i]])
+            else:
+                fit[0] += lengths[i]
+                fit[1].append(i)
+        rows.append([seqs for _, seqs in sorted(mine, key=lambda row: -row[0])])
+    steps = max(map(len, rows))
+    return [[r[k] if k < len(r) else [] for r in rows] for k in range(steps)]
+
+
+def packed_row(seqs: list, idx: list, pad_id: int) -> dict:
+    """One padding-free row: the sequences idx back to back, position_ids restarting at 0 at each (attention
+    stays inside a sequence), their per-response values, and `resp` to scatter response-token values in order.
+    An empty idx gives a one-token row with nothing to learn (the empty micro-step of a less loaded rank)."""
+    if not idx:
+        zero = torch.zeros(1, 1, dtype=torch.long)                               # (1, 1)
+        return {"ids": zero + pad_id, "pos": zero, "seq": zero, "resp": zero.bool(), "loss": zero.bool(),
+                "adv": torch.zeros(1), "idx": [], "sizes": []}
+    ids = torch.cat([seqs[i]["ids"] for i in idx])[None]                         # (1, T)
+    pos = torch.cat([torch.arange(len(seqs[i]["ids"])) for i in idx])[None]     # (1, T)
+    seq = torch.cat([torch.full((len(seqs[i]["ids"]),), k) for k, i in enumerate(idx)])[None]  # (1, T)
+    resp = pos >= torch.tensor([seqs[i]["prompt"] for i in idx])[seq]            # (1, T)
+    keep = torch.tensor([seqs[i]["keep"] for i in idx])                          # (S,)
+    return {"ids": ids, "pos": pos, "seq": seq, "resp": resp, "loss": resp & keep[seq],
+            "adv": torch.tensor([seqs[i]["adv"] for i in idx]), "idx": idx,       # adv: (S,)
+            "sizes": [len(seqs[i]["ids"]) - seqs[i]["prompt"] for i in idx]}
+
+
+def per_response(row: dict, logp) -> dict:
+    """A row's (1, T) log-probs as {sequence: (R,) values of its response tokens}."""
+    return dict(zip(row["idx"], torch.split(logp.detach()[row["resp"].to(logp.device)].float().cpu(), row["sizes"])))
+
+
+def at_responses(row: dict, values: list):
+    """Per-response vectors (one value per response token) laid out on the row: (1, T), zero elsewhere."""
+    out = torch.zeros(row["resp"].shape)                                         # (1, T)
+    return out.masked_scatter_(row["resp"], torch.cat(values)) if values else out
 
 
 def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, world: int, device):
@@ -336,9 +385,10 @@ def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, worl
     _, records = evaluate(engine, pool, rows[rank::world], cfg.template, n=cfg.eval_n,
                           temperature=cfg.eval_temperature, top_p=1.0,
                           max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, tokenizer=tokenizer)
-    s = all_sum([sum(r["reward"] for r in records), sum(r["lenient"] for r in records), len(records),
-                 sum(r["length"] for r in records)], device)
-    return {"eval_accuracy": s[0] / s[2], "eval_lenient": s[1] / s[2], "eval_length": s[3] / s[2]}
+    s = all_sum({k: sum(r[k] for r in records) for k in ("reward", "lenient", "length")} | {"n": len(records)},
+                device)
+    return {"eval_accuracy": s["reward"] / s["n"], "eval_lenient": s["lenient"] / s["n"],
+            "eval_length": s["length"] / s["n"]}
 
 
 def main(argv=None):
@@ -397,11 +447,7 @@ def main(argv=None):
     if cfg.algo == "drgrpo":
         loss_kw["max_new_tokens"] = cfg.max_new_tokens
     advantages = {"grpo": L.grpo_advantages, "drgrpo": L.drgrpo_advantages}[cfg.algo]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Batches are right-padded and attention is causal: no real token ever attends to a pad, so the mask only
-    # matters for speed. GPU: flash-attention uses it to skip the pads. CPU: sdpa is faster without it (its
-    # causal path; the values at real positions are identical, tested).
-    use_mask = device.type == "cuda"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # fills empty micro-steps only
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path, samples_path = (os.path.join(cfg.out_dir, f) for f in ("metrics.jsonl", "samples.jsonl"))
     wb = None
@@ -457,62 +503,67 @@ def main(argv=None):
         lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)  # (B,)
         rewards = shape_rewards(correct, truncated, lengths, cfg.max_new_tokens, cfg.overlong_penalty)  # (B,)
         t2 = time.time()
-        # 4. advantages per group (each rank holds whole groups)
+        # 4. advantages per group (each rank holds whole groups); then every rank gets every response, because
+        # the update splits by tokens, not by who generated what
         adv, adv_stats = advantages(rewards, cfg.group_size)                     # (B,)
         prompt_ids = [ids for r in rows for ids in [tokenizer(r["prompt"])["input_ids"]] * cfg.group_size]
-        input_ids, attn, resp_mask, sampler_logp, sampler_ok = pack(prompt_ids, comps, pad_id)
-        loss_mask = resp_mask & ~truncated[:, None] if cfg.overlong_filter else resp_mask  # (B, T)
-        # 5. old log-probs by the trainer (not the sampler's), before any update of this batch. The first
-        # minibatch of epoch 0 needs no separate pass: the policy has not moved yet, so its update's own forward
-        # gives the same values (detached; the ratio is exactly 1). Only the later minibatches are scored here.
-        B = len(comps)
-        local_mb = cfg.train_batch // world
-        orders = [torch.randperm(B, generator=torch.Generator().manual_seed(request_seed(cfg.seed, it, epoch)))
-                  for epoch in range(cfg.ppo_epochs)]
-        old_logp = torch.zeros(input_ids.shape)                                  # (B, T)
-        ref_logp = torch.zeros(input_ids.shape) if ref is not None else None     # (B, T)
+        keep = ~truncated if cfg.overlong_filter else torch.ones_like(truncated)  # (B,) in the loss at all
+        seqs = share_rollouts(prompt_ids, comps, adv, keep, world)
+        # 5. the update plan, the same on every rank: per PPO epoch a shuffled order of all responses, cut into
+        # optimizer minibatches of train_batch, each balanced over ranks and packed into rows by tokens
+        plans = []  # plans[epoch][minibatch][micro-step][rank] -> sequences of one packed row
+        for epoch in range(cfg.ppo_epochs):
+            g = torch.Generator().manual_seed(request_seed(cfg.seed, it, epoch))
+            order = torch.randperm(len(seqs), generator=g).tolist()
+            plans.append([balance({i: len(seqs[i]["ids"]) for i in order[k:k + cfg.train_batch]}, world,
+                                  cfg.max_tokens_per_micro_batch) for k in range(0, len(order), cfg.train_batch)])
+        # 6. old log-probs by the trainer (not the sampler's), before any update of this batch, in the rows where
+        # epoch 0 trains them. The first minibatch needs no separate pass: the policy has not moved yet, so its
+        # update's own forward gives the same values (detached; the ratio is exactly 1).
+        old, ref_old = {}, {}  # sequence -> (R,) log-probs of its response tokens, old policy and reference
         with torch.no_grad():
-            for idx in micro_batches(orders[0][local_mb:], cfg.micro_batch):
-                ids, am, tm = (t.to(device) for t in crop(idx, input_ids, attn, resp_mask))
-                logp = L.token_logprobs(model, ids, am if use_mask else None, tm, cfg.temperature)[0]
-                old_logp[idx, :ids.shape[1]] = logp.float().cpu()
-            for idx in (micro_batches(torch.arange(B), cfg.micro_batch) if ref is not None else []):
-                ids, am, tm = (t.to(device) for t in crop(idx, input_ids, attn, resp_mask))
-                logp = L.token_logprobs(ref, ids, am if use_mask else None, tm, cfg.temperature)[0]
-                ref_logp[idx, :ids.shape[1]] = logp.float().cpu()
-        # 6. optimizer steps over minibatches of train_batch responses (global), micro-batched per rank.
+            for k, plan in enumerate(plans[0]):
+                for row in (packed_row(seqs, step[rank], pad_id) for step in plan):
+                    ids, pos, tm = (row[key].to(device) for key in ("ids", "pos", "resp"))
+                    if k > 0:
+                        logp = L.token_logprobs(model, ids, None, tm, cfg.temperature, position_ids=pos)[0]
+                        old.update(per_response(row, logp))
+                    if ref is not None:
+                        logp = L.token_logprobs(ref, ids, None, tm, cfg.temperature, position_ids=pos)[0]
+                        ref_old.update(per_response(row, logp))
+        # 7. optimizer steps, one per minibatch of train_batch responses (global), one packed row per micro-step.
         # N: the loss normaliser = responses in the GLOBAL optimizer minibatch, truncation-masked ones included
-        # (Oat). Every micro-batch on every rank divides by it; gradients are summed over micro-batches and
-        # ranks (FSDP divide factor 1), so each optimizer step sees the mean over its N responses.
+        # (Oat). Every micro-step on every rank divides by it; gradients are summed over micro-steps and ranks
+        # (FSDP divide factor 1), so each optimizer step sees the mean over its N responses.
         N = cfg.train_batch
         summed, grad_norms = {}, []
         model.train()
-        for epoch, order in enumerate(orders):
-            for step, mb in enumerate(micro_batches(order, local_mb)):
-                for idx in micro_batches(mb, cfg.micro_batch):
-                    ids, am, tm, lm, ok, slp = crop(idx, input_ids, attn, resp_mask, loss_mask, sampler_ok,
-                                                    sampler_logp)
-                    ids, am, tm, lm = (t.to(device) for t in (ids, am, tm, lm))
-                    logp, entropy = L.token_logprobs(model, ids, am if use_mask else None, tm, cfg.temperature)
-                    if epoch == 0 and step == 0:  # not scored in step 5: these are its old log-probs
-                        old_logp[idx, :ids.shape[1]] = logp.detach().float().cpu()
-                    old = old_logp[idx, :ids.shape[1]]
+        for epoch, minibatches in enumerate(plans):
+            if epoch == 1:  # later epochs reshuffle responses over ranks: every rank needs every old log-prob
+                old = {i: v for part in gather_all(old, world) for i, v in part.items()}
+                ref_old = {i: v for part in gather_all(ref_old, world) for i, v in part.items()}
+            for k, plan in enumerate(minibatches):
+                for row in (packed_row(seqs, step[rank], pad_id) for step in plan):
+                    ids, pos, seq, tm, lm = (row[key].to(device) for key in ("ids", "pos", "seq", "resp", "loss"))
+                    logp, entropy = L.token_logprobs(model, ids, None, tm, cfg.temperature, position_ids=pos)
+                    if epoch == 0 and k == 0:  # not scored in step 6: these are its old log-probs
+                        old.update(per_response(row, logp))
                     # where the sampler gave no usable log-prob, TIS must weigh by 1: use the trainer's value there
-                    slp = torch.where(ok, slp, old).to(device)
-                    extra = dict(ref_logp=ref_logp[idx, :ids.shape[1]].to(device)) if ref is not None else {}
-                    loss, m = loss_fn(logp, old.to(device), adv[idx].to(device), lm, N, sampler_logp=slp, **extra,
-                                      **loss_kw)
+                    sampler = [torch.where(seqs[i]["ok"], seqs[i]["sampler"], old[i]) for i in row["idx"]]
+                    ref_logp = at_responses(row, [ref_old[i] for i in row["idx"]]).to(device) if ref_old else None
+                    loss, m = loss_fn(logp, at_responses(row, [old[i] for i in row["idx"]]).to(device),
+                                      row["adv"].to(device), seq, lm, N,
+                                      sampler_logp=at_responses(row, sampler).to(device), ref_logp=ref_logp, **loss_kw)
                     loss.backward()
-                    m["entropy"] = (entropy * tm).sum()
-                    m["entropy_tokens"] = tm.sum()
-                    for k, v in m.items():
-                        summed[k] = summed.get(k, 0.0) + float(v)
+                    m["entropy"], m["entropy_tokens"] = (entropy * tm).sum(), tm.sum()
+                    for key, v in m.items():
+                        summed[key] = summed.get(key, 0.0) + float(v)
                 # gradients are already summed over ranks here, so the clip sees the global norm
                 grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-        mismatch = logprob_mismatch(sampler_logp, sampler_ok & resp_mask, old_logp)
+        mismatch = logprob_mismatch([seqs[i]["sampler"] for i in old], [seqs[i]["ok"] for i in old], [*old.values()])
         t3 = time.time()
         # 7. wake the engine with the new weights, gathered from the FSDP shards one module at a time
         engine.wake_up(fsdp_full_tensors(model))
@@ -520,25 +571,29 @@ def main(argv=None):
 
         # ---- logging: sums and counts over ranks, then one line on rank 0 --------------------------------
         ok = correct.bool()
-        keys = sorted(summed)
-        s = all_sum([float(rewards.sum()), float(correct.sum()), float(formatted.sum()), float(truncated.sum()),
-                     float(lengths[ok].sum()), float(ok.sum()), float(lengths[~ok].sum()), float((~ok).sum()),
-                     float(lengths.sum()), adv_stats["zero_adv_group_frac"], mismatch if mismatch == mismatch else 0.0,
-                     float(engine.nan_logprobs - nan_before), float(mismatch == mismatch),
-                     float(pool.timeouts - timeouts_before)]
-                    + [summed[k] for k in keys], device)
-        n = B * world
-        tok = {k: s[14 + i] for i, k in enumerate(keys)}
-        lm = L.mean_metrics({k: v for k, v in tok.items() if not k.startswith("entropy")})
-        rec = {"iteration": it + 1, "reward": s[0] / n, "accuracy": s[1] / n, "format_rate": s[2] / n,
-               "truncation_rate": s[3] / n, "len_correct": s[4] / max(s[5], 1), "len_incorrect": s[6] / max(s[7], 1),
-               "len_mean": s[8] / n, "zero_adv_group_frac": s[9] / world, "logprob_mismatch": s[10] / max(s[12], 1),
-               "nan_logprobs": s[11], "entropy": tok["entropy"] / max(tok["entropy_tokens"], 1),
-               **{k: v for k, v in lm.items() if k != "tokens"},
+        finite = mismatch == mismatch  # nan when this rank had no usable sampler log-prob
+        rows_tokens = [[sum(len(seqs[i]["ids"]) for i in row) for row in step]
+                       for minibatches in plans for plan in minibatches for step in plan]  # same on every rank
+        s = all_sum({"reward": rewards.sum(), "correct": correct.sum(), "formatted": formatted.sum(),
+                     "truncated": truncated.sum(), "len_ok": lengths[ok].sum(), "n_ok": ok.sum(),
+                     "len_bad": lengths[~ok].sum(), "n_bad": (~ok).sum(), "len": lengths.sum(),
+                     "zero_adv_frac": adv_stats["zero_adv_group_frac"], "mismatch": mismatch if finite else 0.0,
+                     "mismatch_ranks": finite, "nan_logprobs": engine.nan_logprobs - nan_before,
+                     "timeouts": pool.timeouts - timeouts_before, **summed}, device)
+        n = len(comps) * world
+        lm = L.mean_metrics({k: s[k] for k in summed if not k.startswith("entropy")})
+        rec = {"iteration": it + 1, "reward": s["reward"] / n, "accuracy": s["correct"] / n,
+               "format_rate": s["formatted"] / n, "truncation_rate": s["truncated"] / n,
+               "len_correct": s["len_ok"] / max(s["n_ok"], 1), "len_incorrect": s["len_bad"] / max(s["n_bad"], 1),
+               "len_mean": s["len"] / n, "zero_adv_group_frac": s["zero_adv_frac"] / world,
+               "logprob_mismatch": s["mismatch"] / max(s["mismatch_ranks"], 1), "nan_logprobs": s["nan_logprobs"],
+               "entropy": s["entropy"] / max(s["entropy_tokens"], 1), **{k: v for k, v in lm.items() if k != "tokens"},
                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0],
-               "adv_std": adv_stats["adv_std"], "grader_timeouts": s[13],  # adv_std: rank 0's groups
+               "adv_std": adv_stats["adv_std"], "grader_timeouts": s["timeouts"],  # adv_std: rank 0's groups
+               # real tokens / tokens the update paid for (each micro-step costs world x its busiest row)
+               "update_token_efficiency": sum(map(sum, rows_tokens)) / (world * sum(map(max, rows_tokens))),
                "t_generate": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2, "t_sync": t4 - t3,
-               "tokens_per_s": s[8] / (t4 - t0)}
+               "tokens_per_s": s["len"] / (t4 - t0)}
         final = it + 1 == iterations
         if (it + 1) % cfg.eval_every == 0 or final:
             rec.update(evaluate_heldout(engine, pool, heldout, cfg, tokenizer, rank, world, device))

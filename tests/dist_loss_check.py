@@ -1,11 +1,13 @@
-"""The minibatch gradient does not depend on how the minibatch is split over micro-batches and ranks.
+"""The minibatch gradient does not depend on how the minibatch is packed into rows and split over ranks.
 
     torchrun --standalone --nproc_per_node 2 tests/dist_loss_check.py     # FSDP2 on gloo; prints OK lines
 
-Each rank builds the same tiny Qwen2, computes the reference gradient of the whole minibatch in one piece on
-the unwrapped model, then wraps it with fully_shard (each decoder layer, then the root), takes its share of
-the responses, splits it into micro-batches of 1, 3 or uneven sizes, accumulates .backward() and compares the
-full gradient with the reference. tests/test_loss.py imports the helpers for the world-size-1 case.
+Each rank builds the same tiny Qwen2 and computes the reference gradient of the whole minibatch the padded way
+(one right-padded row per response, attention mask, unwrapped model). Then it wraps the model with fully_shard
+(each decoder layer, then the root) and runs train.py's own update path: `balance` splits the minibatch over
+ranks by tokens and packs each rank's share into padding-free rows of at most BUDGET tokens, `packed_row` builds
+each row, and .backward() is accumulated over the micro-steps. The full gradient must equal the reference for
+every token budget. tests/test_loss.py imports the helpers for the world-size-1 case.
 """
 import os
 import sys
@@ -15,13 +17,14 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import loss as L  # noqa: E402
+import train  # noqa: E402
 
 VOCAB = 256
 G = 4             # samples per prompt
 N = 8             # responses in the minibatch: 2 groups; this is the batch normaliser n_responses
 MAX_NEW = 12      # Dr. GRPO's generation budget (also the longest response here)
 TEMPERATURE = 0.7
-SPLITS = ("1", "3", "uneven")
+BUDGETS = (1, 30, 10_000)  # tokens per row: one sequence per row; a few per row, unevenly; all in one row
 
 
 def tiny_model(tied: bool, seed: int = 0):
@@ -33,60 +36,99 @@ def tiny_model(tied: bool, seed: int = 0):
     return Qwen2ForCausalLM(cfg)
 
 
-def make_minibatch(model, seed: int = 0) -> dict:
-    """N right-padded prompt+response rows of uneven lengths, with a masked token inside one response and one
-    response masked out entirely (as the overlong filter leaves it; it still counts in N). old/ref/sampler
-    log-probs are the current policy's plus noise, so ratios move off 1 and some tokens clip."""
-    g = torch.Generator().manual_seed(seed)
-    P = torch.randint(2, 7, (N,), generator=g)                                   # (N,) prompt lengths
-    R = torch.randint(1, MAX_NEW + 1, (N,), generator=g)                         # (N,) response lengths
-    T = int((P + R).max())
+def padded(seqs: list, key: str = None) -> torch.Tensor:
+    """Right-padded (N, T): the token ids (key None), or a per-response-token value at the response positions."""
+    T = max(len(s["ids"]) for s in seqs)
+    out = torch.zeros(len(seqs), T, dtype=torch.long if key is None else torch.float32)  # (N, T)
+    for i, s in enumerate(seqs):
+        if key is None:
+            out[i, :len(s["ids"])] = s["ids"]
+        else:
+            out[i, s["prompt"]:len(s["ids"])] = s[key]
+    return out
+
+
+def padded_batch(seqs: list) -> dict:
+    """The padded view of the minibatch: ids, attention mask, response mask, loss mask, (N, T) each."""
+    T = max(len(s["ids"]) for s in seqs)
     pos = torch.arange(T)[None]                                                  # (1, T)
-    attn = (pos < (P + R)[:, None]).long()                                       # (N, T)
-    ids = torch.randint(0, VOCAB, (N, T), generator=g) * attn                    # (N, T) pad id 0
-    mask = (pos >= P[:, None]) & (attn > 0)                                      # (N, T)
-    mask[1, P[1]] = False
-    mask[5] = False
+    length = torch.tensor([len(s["ids"]) for s in seqs])[:, None]                # (N, 1)
+    prompt = torch.tensor([s["prompt"] for s in seqs])[:, None]                  # (N, 1)
+    resp = (pos >= prompt) & (pos < length)                                      # (N, T)
+    keep = torch.tensor([s["keep"] for s in seqs])[:, None]                      # (N, 1)
+    return {"ids": padded(seqs), "attn": (pos < length).long(), "mask": resp, "loss": resp & keep}
+
+
+def make_minibatch(model, seed: int = 0) -> list:
+    """N responses in train.py's format (share_rollouts), uneven prompt and response lengths, one response kept
+    out of the loss entirely (as the overlong filter leaves it; it still counts in N), one sampler log-prob not
+    usable. old/ref/sampler log-probs are the current policy's plus noise, so ratios move off 1 and some clip."""
+    g = torch.Generator().manual_seed(seed)
+    P = torch.randint(2, 7, (N,), generator=g).tolist()                          # prompt lengths
+    R = torch.randint(1, MAX_NEW + 1, (N,), generator=g).tolist()                # response lengths
     rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1])                           # (N,) group-major
+    seqs = [{"ids": torch.randint(1, VOCAB, (p + r,), generator=g), "prompt": p, "keep": i != 5, "reward": float(x)}
+            for i, (p, r, x) in enumerate(zip(P, R, rewards))]
+    b = padded_batch(seqs)
     with torch.no_grad():
-        logp, _ = L.token_logprobs(model, ids, attn, mask, TEMPERATURE)          # (N, T)
-    noisy = [logp + 0.3 * torch.randn(N, T, generator=g) for _ in range(3)]
-    return {"ids": ids, "attn": attn, "mask": mask, "rewards": rewards,
-            "old": noisy[0], "ref": noisy[1], "sampler": noisy[2]}
+        logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], TEMPERATURE)  # (N, T)
+    for s, row in zip(seqs, logp):
+        mine = row[s["prompt"]:len(s["ids"])]
+        for key in ("old", "ref", "sampler"):
+            s[key] = mine + 0.3 * torch.randn(mine.shape, generator=g)
+        s["ok"] = torch.ones(len(mine), dtype=torch.bool)
+    seqs[2]["ok"][0] = False  # the trainer's old value stands in for it (TIS weight 1), as in train.py
+    return seqs
 
 
-def loss_of(algo: str, logp, b: dict, adv):
+def set_advantages(seqs: list, algo: str):
+    adv_fn = L.grpo_advantages if algo == "grpo" else L.drgrpo_advantages
+    adv, _ = adv_fn(torch.tensor([s["reward"] for s in seqs]), G)                 # (N,) on the whole minibatch
+    for s, a in zip(seqs, adv.tolist()):
+        s["adv"] = a
+
+
+def loss_of(algo: str, logp, old, adv, seq, mask, ref, sampler):
     """Each objective with a different option switched on, so every code path is covered."""
     if algo == "grpo":  # clip-higher and the k3 KL
-        return L.grpo_loss(logp, b["old"], adv, b["mask"], N, eps_high=0.28, beta=0.05, ref_logp=b["ref"])
-    return L.drgrpo_loss(logp, b["old"], adv, b["mask"], N, MAX_NEW, tis_cap=1.5, sampler_logp=b["sampler"])
+        return L.grpo_loss(logp, old, adv, seq, mask, N, eps_high=0.28, beta=0.05, ref_logp=ref)
+    return L.drgrpo_loss(logp, old, adv, seq, mask, N, MAX_NEW, tis_cap=1.5, sampler_logp=sampler)
 
 
-def split_sizes(spec: str, n: int, rank: int) -> list:
-    """Micro-batch sizes for n local responses; every rank gets the same NUMBER of micro-batches (each
-    backward is a collective under FSDP2) but not the same sizes."""
-    if spec == "uneven":
-        return [1, 3, n - 4] if n > 4 else ([1, n - 1] if rank % 2 == 0 else [n - 1, 1])
-    k = int(spec)
-    return [k] * (n // k) + ([n % k] if n % k else [])
-
-
-def grads_of(model, batch: dict, rows: list, sizes: list, algo: str) -> dict:
-    """Accumulate the backward of each micro-batch of `rows`; returns the full gradient of every parameter."""
-    adv_fn = L.grpo_advantages if algo == "grpo" else L.drgrpo_advantages
-    adv, _ = adv_fn(batch["rewards"], G)                                         # (N,) on the whole minibatch
-    model.zero_grad(set_to_none=True)
-    start = 0
-    for s in sizes:
-        r = rows[start:start + s]
-        start += s
-        T = int(batch["attn"][r].sum(1).max())  # pad only to this micro-batch's longest row
-        b = {k: v[r, :T] for k, v in batch.items() if k != "rewards"}
-        logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], TEMPERATURE, chunk=5)
-        loss, _ = loss_of(algo, logp, b, adv[r])
-        loss.backward()
+def full_grads(model) -> dict:
     return {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
             for n, p in model.named_parameters()}
+
+
+def padded_grads(model, seqs: list, algo: str) -> dict:
+    """The reference: the whole minibatch as right-padded rows in one forward/backward."""
+    set_advantages(seqs, algo)
+    model.zero_grad(set_to_none=True)
+    b = padded_batch(seqs)
+    logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], TEMPERATURE, chunk=5)
+    seq = torch.arange(N)[:, None].expand_as(b["ids"])                           # (N, T)
+    sampler = torch.where(padded(seqs, "ok").bool(), padded(seqs, "sampler"), padded(seqs, "old"))
+    loss, _ = loss_of(algo, logp, padded(seqs, "old"), torch.tensor([s["adv"] for s in seqs]), seq, b["loss"],
+                      padded(seqs, "ref"), sampler)
+    loss.backward()
+    return full_grads(model)
+
+
+def packed_grads(model, seqs: list, algo: str, budget: int, rank: int, world: int) -> dict:
+    """train.py's path: token-balanced plan, one packed row per micro-step, gradients accumulated."""
+    set_advantages(seqs, algo)
+    model.zero_grad(set_to_none=True)
+    plan = train.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, budget)
+    for step in plan:
+        row = train.packed_row(seqs, step[rank], pad_id=0)
+        logp, _ = L.token_logprobs(model, row["ids"], None, row["resp"], TEMPERATURE, chunk=5,
+                                   position_ids=row["pos"])
+        at = {k: train.at_responses(row, [seqs[i][k] for i in row["idx"]]) for k in ("old", "ref")}
+        sampler = train.at_responses(row, [torch.where(seqs[i]["ok"], seqs[i]["sampler"], seqs[i]["old"])
+                                           for i in row["idx"]])
+        loss, _ = loss_of(algo, logp, at["old"], row["adv"], row["seq"], row["loss"], at["ref"], sampler)
+        loss.backward()
+    return full_grads(model)
 
 
 def max_rel_err(grads: dict, ref: dict) -> float:
@@ -99,11 +141,10 @@ def main():
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    rows = list(range(rank, N, world))  # interleaved, so groups straddle ranks
     for tied in (False, True):
         model = tiny_model(tied)
-        batch = make_minibatch(model)
-        refs = {algo: grads_of(model, batch, list(range(N)), [N], algo) for algo in ("grpo", "drgrpo")}
+        seqs = make_minibatch(model)
+        refs = {algo: padded_grads(model, seqs, algo) for algo in ("grpo", "drgrpo")}
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
@@ -112,18 +153,18 @@ def main():
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
         for algo, ref in refs.items():
-            for spec in SPLITS:
-                err = max_rel_err(grads_of(model, batch, rows, split_sizes(spec, len(rows), rank), algo), ref)
-                assert err < 1e-4, f"tied={tied} {algo} micro={spec}: max rel err {err:.2e}"
+            for budget in BUDGETS:
+                err = max_rel_err(packed_grads(model, seqs, algo, budget, rank, world), ref)
+                assert err < 1e-5, f"tied={tied} {algo} budget={budget}: max rel err {err:.2e}"
                 if rank == 0:
-                    print(f"OK world={world} tied={tied} {algo} micro={spec} max_rel_err={err:.1e}", flush=True)
+                    print(f"OK world={world} tied={tied} {algo} budget={budget} max_rel_err={err:.1e}", flush=True)
         # The check is sensitive to FSDP2's default (average over ranks): it would scale the gradient by 1/world.
         for m in fsdp_modules:
             m.set_gradient_divide_factor(float(world))
             m.set_force_sum_reduction_for_comms(False)
-        err = max_rel_err({n: world * g for n, g in grads_of(model, batch, rows, [1] * len(rows), "grpo").items()},
+        err = max_rel_err({n: world * g for n, g in packed_grads(model, seqs, "grpo", 1, rank, world).items()},
                           refs["grpo"])
-        assert err < 1e-4, f"default divide factor did not average: {err:.2e}"
+        assert err < 1e-5, f"default divide factor did not average: {err:.2e}"
     dist.destroy_process_group()
     if rank == 0:
         print("ALL OK", flush=True)

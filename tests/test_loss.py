@@ -1,5 +1,6 @@
 """loss.py: hand-computed values for both objectives, the invariants that define them, the chunked log-probs
-against the naive full log_softmax, and the minibatch gradient under micro-batches x ranks {1, 2}."""
+against the naive full log_softmax, packed rows against sequences run alone, and the minibatch gradient of
+train.py's packed, token-balanced update against the padded one under token budgets x ranks {1, 2}."""
 import math
 import os
 import subprocess
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 import loss as L
+import train
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_loss_check as D  # noqa: E402  (the torchrun script; its helpers serve the world-size-1 case)
@@ -25,6 +27,11 @@ def hand_batch():
     logp = ratios.log().requires_grad_()
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
     return logp, old, torch.tensor([1.0, -1.0], dtype=torch.float64), mask
+
+
+def rows_seq(shape):
+    """seq for right-padded rows: every token of row i belongs to response i."""
+    return torch.arange(shape[0])[:, None].expand(shape)                        # (B, T)
 
 
 def test_advantages_hand_values():
@@ -61,8 +68,9 @@ def test_losses_hand_values(opts, grpo_want, drgrpo_want):
     if opts.get("tis"):
         w = torch.tensor([[3.0, 0.5, 0.5], [0.5, 0.5, 0.5]], dtype=torch.float64)
         kw["sampler_logp"] = old - w.log()
-    loss_g, m = L.grpo_loss(logp, old, adv, mask, 4, **kw)
-    loss_d, m_d = L.drgrpo_loss(logp, old, adv, mask, 4, 4, **kw)
+    seq = rows_seq(mask.shape)                                                   # (2, 3)
+    loss_g, m = L.grpo_loss(logp, old, adv, seq, mask, 4, **kw)
+    loss_d, m_d = L.drgrpo_loss(logp, old, adv, seq, mask, 4, 4, **kw)
     assert loss_g.item() == pytest.approx(grpo_want, rel=1e-9)
     assert loss_d.item() == pytest.approx(drgrpo_want, rel=1e-9)
     means = L.mean_metrics(m)
@@ -76,7 +84,7 @@ def test_losses_hand_values(opts, grpo_want, drgrpo_want):
         assert means["kl"] == pytest.approx(ONE_MINUS_LN2)
     assert m.keys() == m_d.keys()
     # Metrics are sums: the two rows as two micro-batches add up to the whole.
-    parts = [L.grpo_loss(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], mask[i:i + 1], 4, **{
+    parts = [L.grpo_loss(logp[i:i + 1], old[i:i + 1], adv[i:i + 1], seq[:1], mask[i:i + 1], 4, **{
         k: (v[i:i + 1] if torch.is_tensor(v) else v) for k, v in kw.items()}) for i in range(2)]
     assert sum(p[0].item() for p in parts) == pytest.approx(loss_g.item(), rel=1e-12)
     for k in m:
@@ -93,17 +101,18 @@ def response_batch(lengths, T=8, seed=0):
 def test_ratio_one_is_reinforce():
     """With old = logp (ratio 1, no clipping) and beta = 0 the gradient on the MODEL equals REINFORCE's."""
     model = D.tiny_model(tied=False)
-    b = D.make_minibatch(model)
+    b = D.padded_batch(D.make_minibatch(model))
     adv = torch.linspace(-1, 1, D.N)                                             # (N,)
     m = b["mask"].float()                                                        # (N, T)
+    seq = rows_seq(m.shape)                                                      # (N, T)
     for name in ("grpo", "drgrpo"):
         model.zero_grad()
         logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], D.TEMPERATURE)
         if name == "grpo":
-            loss, _ = L.grpo_loss(logp, logp.detach(), adv, b["mask"], D.N)
+            loss, _ = L.grpo_loss(logp, logp.detach(), adv, seq, b["mask"], D.N)
             norm = m.sum(1).clamp(min=1)                                         # (N,) |o_i|
         else:
-            loss, _ = L.drgrpo_loss(logp, logp.detach(), adv, b["mask"], D.N, D.MAX_NEW)
+            loss, _ = L.drgrpo_loss(logp, logp.detach(), adv, seq, b["mask"], D.N, D.MAX_NEW)
             norm = torch.full((D.N,), float(D.MAX_NEW))                          # (N,)
         loss.backward()
         ours = {n: p.grad.clone() for n, p in model.named_parameters()}
@@ -120,10 +129,10 @@ def test_per_token_gradient_vs_response_length():
     """Dr. GRPO: every token's gradient is -A / (max_new_tokens N) whatever the length; GRPO: -A / (|o| N)."""
     logp, mask = response_batch([2, 6])
     adv = torch.tensor([1.0, 1.0], dtype=torch.float64)
-    L.drgrpo_loss(logp, logp.detach(), adv, mask, 2, 8)[0].backward()
+    L.drgrpo_loss(logp, logp.detach(), adv, rows_seq(mask.shape), mask, 2, 8)[0].backward()
     torch.testing.assert_close(logp.grad[mask], torch.full((8,), -1 / (8 * 2), dtype=torch.float64))
     logp.grad = None
-    L.grpo_loss(logp, logp.detach(), adv, mask, 2)[0].backward()
+    L.grpo_loss(logp, logp.detach(), adv, rows_seq(mask.shape), mask, 2)[0].backward()
     assert torch.allclose(logp.grad[0, :2], torch.tensor(-1 / (2 * 2), dtype=torch.float64))
     assert torch.allclose(logp.grad[1, :6], torch.tensor(-1 / (6 * 2), dtype=torch.float64))
 
@@ -136,7 +145,7 @@ def test_equal_reward_groups_give_zero_gradient(algo):
     logp, mask = response_batch([3, 5, 8, 1] * 3)
     old = logp.detach() + 0.3 * torch.randn(12, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     extra = (8,) if algo == "drgrpo" else ()
-    loss_fn(logp, old, adv.double(), mask, 12, *extra)[0].backward()
+    loss_fn(logp, old, adv.double(), rows_seq(mask.shape), mask, 12, *extra)[0].backward()
     assert st["zero_adv_group_frac"] == pytest.approx(2 / 3)
     assert logp.grad[:4].abs().max() == 0 and logp.grad[8:].abs().max() == 0
     assert logp.grad[4:8].abs().max() > 0
@@ -152,8 +161,8 @@ def test_masked_tokens_get_zero_gradient(algo):
     for x, bad in zip((kw["ref_logp"], kw["sampler_logp"], noise[0]), (float("inf"), float("nan"), -float("inf"))):
         x[~mask] = bad  # padding may hold anything (e.g. a sampler's -inf); it must not leak in
     adv = torch.tensor([1.0, -0.5, 2.0, 1.0], dtype=torch.float64)
-    fn = L.grpo_loss if algo == "grpo" else lambda *a, **k: L.drgrpo_loss(*a[:5], 8, **k)
-    loss, metrics = fn(logp, logp.detach() + noise[0], adv, mask, 4, **kw)
+    fn = L.grpo_loss if algo == "grpo" else lambda *a, **k: L.drgrpo_loss(*a[:6], 8, **k)
+    loss, metrics = fn(logp, logp.detach() + noise[0], adv, rows_seq(mask.shape), mask, 4, **kw)
     loss.backward()
     assert torch.isfinite(loss) and all(math.isfinite(float(v)) for v in metrics.values())
     assert logp.grad[~mask].abs().max() == 0
@@ -163,7 +172,7 @@ def test_masked_tokens_get_zero_gradient(algo):
 @pytest.mark.parametrize("tied", [False, True])
 def test_token_logprobs_match_naive_log_softmax(tied):
     model = D.tiny_model(tied)
-    b = D.make_minibatch(model)
+    b = D.padded_batch(D.make_minibatch(model))
     w = torch.randn(b["mask"].shape, generator=torch.Generator().manual_seed(3))  # (N, T)
     logp, ent = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], 0.7, chunk=5)
     (logp * w).sum().backward()
@@ -186,32 +195,59 @@ def test_token_logprobs_match_naive_log_softmax(tied):
     torch.testing.assert_close(L.token_logprobs(model, b["ids"], b["attn"], b["mask"], 0.7)[0], logp)
 
 
-def test_right_padded_batch_needs_no_attention_mask():
-    """train.py drops the mask on CPU: under causal attention no real token of a right-padded row sees a pad,
-    so log-probs and gradients are the same without it."""
+def test_packed_row_equals_sequences_alone():
+    """A packed row (position_ids restarting at 0, no attention mask) gives each sequence the log-probs and
+    gradient it gets alone in a padded batch: attention does not cross sequences. Without the restarting
+    positions it would (the check can fail)."""
     model = D.tiny_model(tied=True)
-    b = D.make_minibatch(model)
-    assert (b["attn"] == 0).any() and (b["attn"][:, :-1] >= b["attn"][:, 1:]).all()  # padded, on the right
-    got = []
-    for attn in (b["attn"], None):
+    seqs = D.make_minibatch(model)
+    D.set_advantages(seqs, "drgrpo")
+    b = D.padded_batch(seqs)
+    logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], 0.7)
+    want = torch.cat([row[m] for row, m in zip(logp.detach(), b["mask"])])
+    logp.sum().backward()
+    want_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+    row = train.packed_row(seqs, list(range(D.N)), pad_id=0)
+    assert row["ids"].shape == (1, sum(len(s["ids"]) for s in seqs))  # no padding at all
+    for pos, ok in ((row["pos"], True), (None, False)):
         model.zero_grad()
-        logp, _ = L.token_logprobs(model, b["ids"], attn, b["mask"], 0.7)
-        logp.sum().backward()
-        got.append((logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
-    torch.testing.assert_close(got[0][0], got[1][0], rtol=0, atol=1e-6)
-    assert D.max_rel_err(got[0][1], got[1][1]) < 1e-5
+        logp, _ = L.token_logprobs(model, row["ids"], None, row["resp"], 0.7, position_ids=pos)
+        got = logp[row["resp"]]
+        assert torch.allclose(got.detach(), want, rtol=0, atol=1e-5) == ok
+        if ok:
+            logp.sum().backward()
+            assert D.max_rel_err({n: p.grad for n, p in model.named_parameters()}, want_grad) < 1e-5
+
+
+def test_balance_splits_by_tokens():
+    """Ranks get nearly equal tokens (not equal counts), rows stay within the budget unless one sequence is
+    longer, every rank runs the same number of micro-steps, and the plan is a pure function of its input."""
+    lengths = {i: n for i, n in enumerate([900, 40, 35, 30, 300, 20, 25, 610, 15, 45, 70, 1500])}
+    plan = train.balance(lengths, world=2, max_tokens=1000)
+    assert plan == train.balance(dict(reversed(lengths.items())), world=2, max_tokens=1000)
+    assert all(len(step) == 2 for step in plan)
+    placed = sorted(i for step in plan for row in step for i in row)
+    assert placed == sorted(lengths)  # each sequence exactly once
+    load = [sum(lengths[i] for step in plan for i in step[r]) for r in range(2)]
+    assert abs(load[0] - load[1]) <= max(lengths.values()) and abs(load[0] - load[1]) < 0.1 * sum(load)
+    for step in plan:
+        for row in step:
+            assert sum(lengths[i] for i in row) <= 1000 or len(row) == 1
+    # one rank, a budget of one token: every sequence alone, longest first
+    alone = train.balance(lengths, world=1, max_tokens=1)
+    assert [step[0] for step in alone] == [[i] for i in sorted(lengths, key=lambda i: (-lengths[i], i))]
 
 
 def test_minibatch_gradient_world_1():
-    """Same minibatch, micro-batches of 1, 3 and uneven sizes, each padded to its own length."""
+    """train.py's packed update, token budgets from one sequence per row to one row, against the padded path."""
     model = D.tiny_model(tied=False)
-    batch = D.make_minibatch(model)
+    seqs = D.make_minibatch(model)
     for algo in ("grpo", "drgrpo"):
-        ref = D.grads_of(model, batch, list(range(D.N)), [D.N], algo)
+        ref = D.padded_grads(model, seqs, algo)
         assert max(g.abs().max() for g in ref.values()) > 0
-        for spec in D.SPLITS:
-            got = D.grads_of(model, batch, list(range(D.N)), D.split_sizes(spec, D.N, 0), algo)
-            assert D.max_rel_err(got, ref) < 1e-5, (algo, spec)
+        for budget in D.BUDGETS:
+            got = D.packed_grads(model, seqs, algo, budget, rank=0, world=1)
+            assert D.max_rel_err(got, ref) < 1e-5, (algo, budget)
 
 
 def test_minibatch_gradient_world_2_fsdp2():
@@ -221,4 +257,4 @@ def test_minibatch_gradient_world_2_fsdp2():
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         script], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count("OK world=2") == 2 * 2 * len(D.SPLITS) and "ALL OK" in p.stdout
+    assert p.stdout.count("OK world=2") == 2 * 2 * len(D.BUDGETS) and "ALL OK" in p.stdout

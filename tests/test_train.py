@@ -62,7 +62,7 @@ def test_config_errors_name_the_flag(monkeypatch):
 def test_resume_refuses_a_changed_run(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     saved = train.dataclasses.asdict(train.parse_config(["--recipe", "cpu_demo"]))
-    same = train.parse_config(["--recipe", "cpu_demo", "--iterations", "300", "--micro-batch", "8"])
+    same = train.parse_config(["--recipe", "cpu_demo", "--iterations", "300", "--max-tokens-per-micro-batch", "512"])
     assert train.resume_error(same, saved, saved_world=2, world=2) == ""  # longer run, smaller micro-batches
     assert "2 ranks, this run has 4" in train.resume_error(same, saved, saved_world=2, world=4)
     other = train.parse_config(["--recipe", "cpu_demo", "--seed", "7", "--algo", "grpo"])
@@ -126,9 +126,9 @@ def run_args(model_dir, data_dir, out_dir, extra=()):
             os.path.join(REPO, "train.py"), "--recipe", "cpu_demo", "--model", model_dir,
             "--questions", os.path.join(data_dir, "train.jsonl"), "--eval-file", os.path.join(data_dir, "heldout.jsonl"),
             "--eval-limit", "8", "--eval-n", "2", "--rollout-batch", "4", "--group-size", "4", "--train-batch", "8",
-            "--micro-batch", "3", "--max-new-tokens", "24", "--eval-max-new-tokens", "16", "--iterations", str(ITERS),
+            "--max-tokens-per-micro-batch", "100", "--max-new-tokens", "24", "--eval-max-new-tokens", "16", "--iterations", str(ITERS),
             "--eval-every", "2", "--save-every", "1", "--keep", "2", "--log-samples-every", "2",
-            "--lr", "1e-3", "--out-dir", out_dir, *extra]
+            "--lr", "1e-3", "--ppo-epochs", "2", "--beta", "0.01", "--out-dir", out_dir, *extra]
 
 
 def env():
