@@ -2,26 +2,29 @@
 
 reward(response, gold, template) is the training reward AND the evaluation score: the extraction the template asks
 for (templates.Template.answer) only, 1.0 or 0.0, no format reward. grade(response, gold) is a lenient judgement for
-analysis: last \\boxed/\\fbox, else <answer>, else "The answer is"/"Final Answer:"/"####", else the last number.
-Both end in is_equiv(pred, gold): (1) both sides normalised (\\dfrac, \\left, spacing, \\$, \\%, degrees, units,
-\\text{}, thousands separators...) and compared as strings - most responses stop here; (2) else our own recursive-
-descent LaTeX parser turns each side into trees of tuples in a container (tuple/interval, set, list, union, matrix,
-equation), compared by value: exact Fractions while rational, else 50-digit mpmath, and free symbols evaluated at
-three fixed rational points (an identity test: no symbolic algebra, no simplifier blow-ups, decimals stay strict).
-Deliberate choices:
+analysis (see lenient_answer). Both end in is_equiv(pred, gold): (1) both sides normalised (\\dfrac, \\left, spacing,
+\\$, \\%, degrees, units, \\text{}, thousands separators, \\geq, repeating decimals...) and compared as strings - most
+responses stop here; (2) else our own recursive-descent LaTeX parser turns each side into trees of tuples in a
+container (tuple/interval, set, list, union, matrix, equation), compared by value: exact Fractions while rational
+(Residue when huge), else 50-digit mpmath, and free symbols evaluated at three fixed rational points (an identity
+test: no symbolic algebra, no simplifier blow-ups, decimals stay strict). Deliberate choices:
   - Unreduced fractions count as correct (\\frac{2}{4} == \\frac{1}{2}), as Math-Verify does; the paper's fast
     grader does not. We grade the value, not its presentation.
-  - A decimal matches only an exactly equal value: 0.5 == \\frac12, but 1.414 != \\sqrt2 and 0.33 != \\frac13.
+  - A decimal matches only an exactly equal value: 0.5 == \\frac12, 0.\\overline{3} == \\frac13, 1.414 != \\sqrt2.
   - Sets (\\{...\\}) and bare lists ("1, 2") are unordered; tuples, intervals (bracket types matter) and matrices
     are ordered. "5 or 7" is a list, so a hedged answer only matches a gold that is itself that set.
-  - \\pm expands to the set of both signs; 101_2 is the number 5 (and the digits 101 match it too); x = 3 is 3.
+  - \\pm expands to the set of both signs; 101_2 is the number 5 (and the digits 101 match it too); x = 3 and AB = 3
+    are 3; "a = 2, b = -1" is the tuple (2, -1); x > 5 is the interval (5, \\infty).
 Safety: model text is never executed: nothing here hands text to Python or to sympy's string parsers, the parser
-knows only arithmetic, and huge sizes are refused before they are computed (see the MAX_ constants). GraderPool kills
-a worker whose response runs past the time limit (default 1 s); that response scores 0.
+knows only arithmetic, and huge sizes are refused before they are computed (see the MAX_ constants). A response over
+MAX_RESPONSE_CHARS (1 MB) is cut to its last 1 MB: a direct call returns within about a second. GraderPool kills a
+worker whose response runs past the time limit (default 1 s); that response scores 0. An int or float gold or
+response (read from a jsonl) is converted to str; any other type is a TypeError, never a silent 0.
 """
 import functools
 import math
 import multiprocessing as mp
+import numbers
 import re
 import time
 from collections import deque
@@ -36,21 +39,32 @@ from templates import get_template
 DPS = 50                    # mpmath working precision, decimal digits
 TOL = mpmath.mpf(10) ** (15 - DPS)  # non-rational values are equal within this relative difference
 BIG = mpmath.mpf(10) ** 30  # non-rational values beyond this must match exactly: 50 digits cannot see x + 1 vs x
-MAX_ANSWER_CHARS = 1000     # longer answers are only compared as strings
+TINY = mpmath.mpf(10) ** (-2 * DPS)  # a nonzero value below this is no rounding residue of 50-digit arithmetic
+MAX_RESPONSE_CHARS = 1_000_000  # longer responses are cut to their last 1 MB (the answer comes last)
+TAIL_CHARS = 4000           # the unboxed fallbacks read the response's end only
+MAX_ANSWER_CHARS = 4000    # longer answers are only compared as strings (also: int() reads <= 4,300 digits)
 MAX_TOKENS, MAX_FACTORIAL, MAX_PM = 400, 1000, 3  # MAX_PM: at most 2**3 sign choices from \pm
-MAX_LITERAL_DIGITS = 1000   # also keeps int() under Python's 4,300-digit conversion limit
-MAX_POW_BITS = 200_000      # exact Fraction powers up to this size; beyond, mpmath
-MAX_EXPONENT = 10**6        # |exponent| beyond this is refused (power towers)
+MAX_EXACT_BITS = 20_000     # exact Fractions up to this size; beyond, residues (see Residue)
+MAX_EXPONENT = 10**6        # |exponent| beyond this is refused unless base and exponent are exact (power towers)
+MAX_FUNC_ARG = mpmath.mpf(10) ** 1000  # sin/exp/... beyond this are refused: mpmath's cost grows with the size
+PRIME = 2**127 - 1          # a Mersenne prime: the modulus of Residue
 # Free symbols take these values (a column per symbol, a row per test point); one row is negative: |x| != x.
 POINTS = tuple(tuple(Fraction((-1) ** k * (101 + 37 * j + 53 * k), 71 + 11 * j + 29 * k) for j in range(8))
                for k in range(3))
 
 # ---- extraction ------------------------------------------------------------------------------------------------
 BRACE = re.compile(r"[{}]")
-FINAL = re.compile(r"final answer(?: is)?\s*:?\s*|the answer is\s*:?\s*|####\s*", re.I)
+FINAL = re.compile(r"final answer(?: is)?|the answer is|(?<!\w)answer\s*:|####", re.I)
 MATH_SPAN = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]")
-SENTENCE_END = re.compile(r"\.(?:\s|$)|\n")
-NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
+SENTENCE_END = re.compile(r"[.!](?:\s|$)|\n")
+# A sentence's values (math spans; numbers not in a word or a LaTeX argument: H2O, x^2, {3}) and what states them.
+CLOSING = re.compile(MATH_SPAN.pattern + r"|(?<![\w.{^_\\])(-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?)(?![\w}])|"
+                     r"(\b(?:is|are|was|equals?|be)\b|=)")
+END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "</s>")  # a model may write on
+# A finished response ends with a full stop, a formula, or a number and <= 2 words (= 18 dollars), not mid-sentence.
+CONCLUDED = re.compile(r"(?:[.!)\]}$*]|\d(?:\s+(?!(?:and|or|then|but|so|which|to|by|the|is|we|of|plus|minus|times)\b)"
+                       r"[a-zA-Z]+){0,2})\s*$")
+WORDY = re.compile(r"(?<![\\a-zA-Z])[a-zA-Z]{4,}")  # a stated answer in words: "17 because ...", "Tuesday"
 
 
 def _last_boxed(text: str):
@@ -95,19 +109,38 @@ def extract_answer(response: str, template) -> "str | None":
     raise ValueError(f"unknown answer extraction {kind!r}")
 
 
+def _stated(sentence: str, marked: bool = False):
+    """The value a sentence states: the first math span or number after its last 'is'/'equals'/'=' (or after its
+    start when marked: it follows "The answer is"), else its last one; None if it has none."""
+    found = [(m.group(5) is not None, next(g for g in m.groups() if g is not None)) for m in CLOSING.finditer(sentence)]
+    marks = [k + 1 for k, (mark, _) in enumerate(found) if mark] or [0] * marked
+    after = [v for mark, v in found[marks[-1]:] if not mark] if marks else []
+    values = [v for mark, v in found if not mark]
+    return after[0] if after else values[-1] if values else None
+
+
 def lenient_answer(response: str) -> "str | None":
-    """The answer grade() judges: last box, else last <answer> tag, else a final statement, else the last number."""
-    box, tag, finals = _last_boxed(response), _answer_tag(response), list(FINAL.finditer(response))
-    if box is not None or tag is not None:
-        return box if box is not None else tag
+    """The answer grade() judges: last box, else last <answer> tag, else a final statement, else the value stated by
+    one of the last three sentences of a response that concludes. Unboxed, only the end of what the model said to
+    the user counts: up to the first end-of-turn marker, never inside an unclosed <think>, the last TAIL_CHARS."""
+    found = _last_boxed(response)
+    found = _answer_tag(response) if found is None else found
+    if found is not None:
+        return found
+    text = response[:min((k for k in map(response.find, END_MARKERS) if k >= 0), default=len(response))]
+    think = text.rfind("<think>")
+    text = (text[:think] if think > text.rfind("</think>") else text)[-TAIL_CHARS:].rstrip()
+    finals = list(FINAL.finditer(text))
     if finals:
-        rest = response[finals[-1].end():finals[-1].end() + 500]
-        sentence = SENTENCE_END.split(rest, maxsplit=1)[0]
-        m = MATH_SPAN.match(rest) or MATH_SPAN.search(sentence)
-        stated = (next(g for g in m.groups() if g is not None) if m else sentence).strip()
+        rest = text[finals[-1].end():finals[-1].end() + 500].lstrip("*: \t\n")  # **Final Answer:** 42
+        m = MATH_SPAN.match(rest)  # $$...$$ may span lines; else "-\frac{1}{2}", "Tuesday", "5 or 7": all of it
+        stated = ((m[1] or m[2] or m[3]) if m else SENTENCE_END.split(rest, maxsplit=1)[0]).strip()
+        if WORDY.search(stated) and not re.search(r"\bor\b", stated):  # "the value of $x$ is 17", "17 because.."
+            stated = _stated(stated, marked=True) or stated
         if stated:
             return stated
-    return (NUMBER.findall(response) or [None])[-1]
+    sentences = [x for x in SENTENCE_END.split(text) if x.strip()] if CONCLUDED.search(text) else []
+    return next(filter(None, map(_stated, sentences[:-4:-1])), None)
 
 
 # ---- normalisation ---------------------------------------------------------------------------------------------
@@ -115,15 +148,19 @@ REPLACE = (("\\left", ""), ("\\right", ""), ("\\displaystyle", ""), ("\\dfrac", 
            ("\\cfrac", "\\frac"), ("^{\\circ}", ""), ("^\\circ", ""), ("\\circ", ""), ("\\degree", ""), ("°", ""),
            ("\\%", ""), ("%", ""), ("\\$", ""), ("$", ""), ("{,}", ""), ("\\lbrace", "\\{"), ("\\rbrace", "\\}"),
            ("\\lvert", "|"), ("\\rvert", "|"), ("\\vert", "|"), ("−", "-"), ("π", "\\pi"), ("∞", "\\infty"),
-           ("√", "\\sqrt"), ("\\infinity", "\\infty"), ("\\emptyset", "\\{\\}"), ("\\varnothing", "\\{\\}"))
+           ("√", "\\sqrt"), ("\\infinity", "\\infty"), ("\\emptyset", "\\{\\}"), ("\\varnothing", "\\{\\}"),
+           ("\\mathbb{R}", "(-\\infty,\\infty)"), ("\\mathbb R", "(-\\infty,\\infty)"), ("ℝ", "(-\\infty,\\infty)"),
+           ("all real numbers", "(-\\infty,\\infty)"), ("\\geqslant", "\\ge"), ("\\leqslant", "\\le"),
+           ("\\geq", "\\ge"), ("\\leq", "\\le"), ("\\neq", "\\ne"), ("\\gt", ">"), ("\\lt", "<"), (">=", " \\ge "),
+           ("<=", " \\le "), ("!=", " \\ne "), ("≥", " \\ge "), ("≤", " \\le "), ("≠", " \\ne "))
 SPACING = re.compile(r"\\\\|\\[,;:! ]|~|\\(?:[Bb]ig[lr]?|q?quad)(?![a-zA-Z])")
 SPACE_AS = {"\\\\": ";", "\\!": ""}  # \\ separates matrix rows; \! is a negative space (100,\!000)
-MATRIX_BEGIN = re.compile(r"\\begin\{(?:[pbvBV]?matrix|array)\}(?:\{[lcr| ]*\})?")
-MATRIX_END = re.compile(r"\\end\{(?:[pbvBV]?matrix|array)\}")
+MATRIX_BEGIN = re.compile(r"[(\[]?\s*\\begin\{(?:[pbvBV]?matrix|array)\}(?:\{[lcr| ]*\})?")  # \left[ \begin{array}..
+MATRIX_END = re.compile(r"\\end\{(?:[pbvBV]?matrix|array)\}\s*[)\]]?")
 TEXT_CMD = r"\\(?:text|textrm|textup|textnormal|mbox|mathrm|operatorname)\s*"
 TEXT_SEP = re.compile(TEXT_CMD + r"\{\s*(?:or|and)\s*\}|\s(?:or|and)\s")
 WHOLE_TEXT = re.compile(r"\s*" + TEXT_CMD + r"\{([^{}]*)\}\s*\.?")
-TEXT_UNIT = re.compile(TEXT_CMD + r"\{[^{}]*\}(?:\^\{?\d\}?)?")
+TEXT_UNIT = re.compile(TEXT_CMD + r"\{([^{}]*)\}(?:\^\{?\d\}?)?")  # a unit, or a name: \text{Area} = 24
 FORMAT_CMD = re.compile(r"\\(?:textbf|mathbf|boldsymbol|mathit|textit|emph|bf|mathbb)\s*\{([^{}]*)\}")
 UNIT_WORD = re.compile(
     r"(?<=\S)\s+(?:(?:sq(?:uare)?\.?|cubic)\s+)?(?:units?|cm|centimeters?|meters?|km|kilometers?|mm|inch(?:es)?|"
@@ -131,25 +168,33 @@ UNIT_WORD = re.compile(
     r"mph|pounds?|ounces?|gallons?|lit(?:er|re)s?|grams?|kg|people|students|ways|points)\b(?:\^\{?\d\}?|²|³)?\s*$")
 SCI = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)[eE]([+-]?\d+)(?![\w.])")
 PLAIN_FUNC = re.compile(r"(?<![\\a-zA-Z])(sin|cos|tan|cot|sec|csc|log|ln|exp|sqrt|pi)(?![a-zA-Z])")
-DIGIT_GROUPS = re.compile(r"(?<=\d) (?=\d{3}(?!\d))")  # 1\,000 -> 1000
-THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# A whole answer that is one number in groups of three: 1,000 | 1\,000 | 1,\! 000 | 1\ 000 (not "1, 000": a list).
+GROUPED = re.compile(r"-?\d{1,3}(?:(?:,\s*(?:\\[!,;: ]\s*)+|(?:\\[!,;: ]|~|\s)+|,)\d{3})+(?:\.\d+)?")
+REPEATING = re.compile(r"(\d{0,20})\.(\d{0,20})(?:\\(?:overline|bar)\{(\d{1,20})\}|\((\d{1,20})\))")  # 0.(3)
 CHOICE = re.compile(r"\(([A-Za-z])\)")
 BASE_SUB = re.compile(r"(?<=\d)_\{?\d+\}?")
 
 
-@functools.lru_cache(maxsize=16384)
+def _repeating(m) -> str:
+    whole, fixed, period = m.group(1), m.group(2), m.group(3) or m.group(4)
+    num = int(whole + fixed + period) - int(whole + fixed or "0")
+    return f"{{\\frac{{{num}}}{{{(10 ** len(period) - 1) * 10 ** len(fixed)}}}}}"
+
+
+@functools.lru_cache(maxsize=4096)  # answers of up to 4,000 characters: at most ~30 MB
 def _clean(s: str) -> str:
     """Presentation -> canonical text. Single spaces stay: the parser needs them between commands (\\pi r)."""
     for a, b in REPLACE:
         if a in s:
             s = s.replace(a, b)
-    s = SPACING.sub(lambda m: SPACE_AS.get(m.group(), " "), s)
+    s = re.sub(r"[^\d.-]", "", s) if GROUPED.fullmatch(s.strip()) else s  # while 1,\! 000 differs from 1, 000
+    s = REPEATING.sub(_repeating, SPACING.sub(lambda m: SPACE_AS.get(m.group(), " "), s))
     s = FORMAT_CMD.sub(r"\1", TEXT_SEP.sub(",", MATRIX_END.sub("}", MATRIX_BEGIN.sub(r"\\mat{", s))))
     whole = WHOLE_TEXT.fullmatch(s)
-    s = whole.group(1) if whole else TEXT_UNIT.sub("", s)  # the whole answer in \text: keep it; else it is a unit
+    s = whole.group(1) if whole else TEXT_UNIT.sub(lambda m: m[1] if s[m.end():].lstrip()[:1] == "=" else "", s)
     s = PLAIN_FUNC.sub(r"\\\1", SCI.sub(r"\1\\times10^{\2}", UNIT_WORD.sub("", s)))
-    s = DIGIT_GROUPS.sub("", " ".join(s.split())).rstrip(" .")  # a sentence's full stop, not .15's point
-    s = s.replace(",", "") if THOUSANDS.fullmatch(s) else s
+    s = " ".join(s.split()).rstrip(" .")  # a sentence's full stop, not .15's point
+    s = re.sub(r"[^\d.-]", "", s) if GROUPED.fullmatch(s) else s
     return CHOICE.fullmatch(s)[1] if CHOICE.fullmatch(s) else s
 
 
@@ -243,9 +288,9 @@ class _Parser:
         if t in CLOSE:
             node = self.inside(CLOSE[t])
             return node if t in "([{" else ("abs", node)
-        if t[0].isalpha() and len(t) <= 2 or t in GREEK:  # 3+ letters are a word ("Sunday"), not a product
-            if len(t) == 2:
-                self.toks.insert(self.i, t[1])
+        if t[0].isalpha() and len(t) <= 3 or t in GREEK:  # 4+ letters are a word ("Sunday"), not a product
+            if len(t) > 1 and t[0] != "\\":  # abc = a * b * c
+                self.toks.insert(self.i, t[1:])
                 t = t[0]
             if t == "i" and self.toks[self.i] != "_":
                 return ("c", "i")
@@ -262,8 +307,6 @@ class _Parser:
         raise ValueError(f"unsupported {t!r}")
 
     def number(self, t):
-        if len(t) > MAX_LITERAL_DIGITS:
-            raise ValueError("literal too long")
         if t.isdigit() and self.eat("_"):  # base subscript: 101_2 = 5
             return ("n", Fraction(int(t, int(self.raw_group()))))
         if t.isdigit() and self.eat("\\frac"):  # a mixed number 2\frac{1}{2}, only with integer parts
@@ -271,7 +314,7 @@ class _Parser:
             if a[0] == b[0] == "n" and a[1].denominator == b[1].denominator == 1 and b[1] != 0:
                 return ("n", int(t) + a[1] / b[1])
             self.i = save
-        return ("n", Fraction(t))
+        return ("n", _exact(Fraction(t)))
 
     def function(self, name):
         base = self.arg() if name == "\\log" and self.eat("_") else None  # \log_2 8
@@ -282,17 +325,19 @@ class _Parser:
 
 
 SEP = {name: re.compile(r"(\\\{|[(\[{])|(\\\}|[)\]}])|(" + sep + ")") for name, sep in {  # (open)|(close)|(separator)
-    "cup": r"\\cup(?![a-zA-Z])|∪", "comma": ",", "cell": "&", "row": ";", "in": r"\\in(?![a-zA-Z])", "eq": "="}.items()}
-NAME = re.compile(r"(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+)(?:\([\w, ]*\))?|\((?:[a-zA-Z] ?, ?)+[a-zA-Z]\)")
+    "cup": r"\\cup(?![a-zA-Z])|∪", "comma": "[,;]", "cell": "&", "row": ";", "in": r"\\in(?![a-zA-Z])", "eq": "=",
+    "rel": r"<|>|\\[lgn]e(?![a-zA-Z])"}.items()}
+NAME = re.compile(r"(?:m? ?\\angle ?|\\overline\{)?[a-zA-Z]+(?: [a-zA-Z]+)*(?:_\{?\w+\}?)?\}?(?:\([\w, ]*\))?|"
+                  r"\\[a-zA-Z]+|\((?:[a-zA-Z] ?, ?)+[a-zA-Z]\)")  # x, AB, \angle ABC, a_{10}, f(3), (x, y), Area
 
 
-def _split_top(s: str, sep: str) -> list:
-    """Split at separators outside any brackets."""
+def _split_top(s: str, sep: str, keep: bool = False) -> list:
+    """Split at separators outside any brackets; with keep, the separators stay as the odd items."""
     parts, depth, start = [], 0, 0
     for m in SEP[sep].finditer(s):
         depth += 1 if m.group(1) else -1 if m.group(2) else 0
         if m.group(3) and depth == 0:
-            parts.append(s[start:m.start()].strip())
+            parts += [s[start:m.start()].strip()] + [m.group(3)] * keep
             start = m.end()
     return parts + [s[start:].strip()]
 
@@ -304,7 +349,7 @@ def _wrapped(s: str) -> bool:
 
 
 def _parse(s: str):
-    """Cleaned text -> ('expr', tree) | ('eq', lhs, rhs, lhs_is_a_name) | ('tup', open, close, items) |
+    """Cleaned text -> ('expr', tree) | ('eq', lhs, rhs, lhs name or None) | ('tup', open, close, items) |
     ('set' | 'list' | 'union', items) | ('mat', rows). Raises ValueError when it cannot parse."""
     if s.startswith("\\mat{") and _wrapped(s[4:]):
         rows = [tuple(map(_parse, _split_top(r, "cell"))) for r in _split_top(s[5:-1], "row") if r]
@@ -313,8 +358,9 @@ def _parse(s: str):
         return ("mat", tuple(rows))
     for sep, kind in (("cup", "union"), ("comma", "list")):
         parts = _split_top(s, sep)
-        if len(parts) > 1:  # a trailing comma leaves an empty part: ignored
+        if len(parts) > 1:  # a trailing comma leaves an empty part: ignored; "0, \pm 3" is three items
             items = tuple(_parse(p) for p in parts if p or sep == "cup")
+            items = tuple(x for v in items for x in (v[1] if v[0] == kind == "list" else (v,)))
             return items[0] if len(items) == 1 else (kind, items)
     if s.startswith("\\{") and s.endswith("\\}") and _wrapped(s):
         items = tuple(map(_parse, filter(None, _split_top(s[2:-2], "comma"))))
@@ -324,9 +370,13 @@ def _parse(s: str):
     parts = _split_top(s, "in")
     if len(parts) == 2:  # x \in [1, 2]
         return _parse(parts[1])
+    parts = _split_top(s, "rel", keep=True)
+    if len(parts) > 1:  # 2 \le x < 7
+        return _solution_set([_parse(p) for p in parts[::2]], parts[1::2])
     parts = _split_top(s, "eq")
-    if len(parts) > 1:  # x = 2 + 1 = 3: the first side and the last
-        return ("eq", _parse(parts[0]), _parse(parts[-1]), bool(NAME.fullmatch(parts[0])))
+    if len(parts) > 1:  # x = 2 + 1 = 3: the first side and the last; a name needs not parse (\angle ABC = 30)
+        name = parts[0].replace(" ", "") if NAME.fullmatch(parts[0]) else None
+        return ("eq", ("expr", ("s", name)) if name else _parse(parts[0]), _parse(parts[-1]), name)
     if "\\pm" in s or "\\mp" in s:  # 1 \pm 2 is the set {3, -1}
         if s.count("\\pm") + s.count("\\mp") > MAX_PM:
             raise ValueError("too many \\pm")
@@ -339,12 +389,83 @@ def _parse(s: str):
     return ("expr", tree)
 
 
-_value = functools.lru_cache(maxsize=16384)(_parse)  # golds repeat (G samples each); failures are cheap, not kept
+def _solution_set(sides, ops):
+    """An inequality (or a chain) linear in its one variable -> its solution set as an interval (a union for \\ne):
+    5 < x -> (5, \\infty), -x \\ge -4 -> (-\\infty, 4], 2 \\le x < 7 -> [2, 7). Anything else: ValueError."""
+    if any(x[0] != "expr" for x in sides) or len(names := set().union(*(_symbols(x[1]) for x in sides))) != 1:
+        raise ValueError("not an inequality in one variable")
+    lo, hi = [("neg", ("c", "\\infty")), "("], [("c", "\\infty"), ")"]  # each end: its value, its bracket
+    with mpmath.workdps(DPS):
+        for (_, left), op, (_, right) in zip(sides, ops, sides[1:]):
+            f = [_ev(("+", left, ("neg", right)), {min(names): Fraction(t)}) for t in (0, 1, 2)]  # left - right
+            f = f if all(isinstance(x, Fraction) for x in f) else [_mp(x) for x in f]
+            if not all(map(mpmath.isfinite, f)):
+                continue  # -\infty < x: no bound
+            slope = f[1] - f[0]
+            if _close(slope, 0) or not _close(f[2] - f[1], slope):
+                raise ValueError("not linear")
+            root = ("n", -f[0] / slope)
+            if op == "\\ne" and len(ops) == 1:
+                return ("union", (("tup", "(", ")", (("expr", lo[0]), ("expr", root))),
+                                  ("tup", "(", ")", (("expr", root), ("expr", hi[0])))))
+            if (op in (">", "\\ge")) == (slope > 0):  # the variable is above the root
+                lo = [root, "[" if op in ("\\le", "\\ge") else "("]
+            else:
+                hi = [root, "]" if op in ("\\le", "\\ge") else ")"]
+    return ("tup", lo[1], hi[1], (("expr", lo[0]), ("expr", hi[0])))
 
 
-# ---- evaluation: tree -> Fraction (exact) or mpmath number -----------------------------------------------------
+_value = functools.lru_cache(maxsize=4096)(_parse)  # golds repeat (G samples each); failures are cheap, not kept
+
+
+# ---- evaluation: tree -> Fraction (exact), Residue (exact, huge) or mpmath number ------------------------------
+class Residue:
+    """A rational too large to hold (2^{2^{24}}, 10^{-999999}) as its value modulo PRIME: exact and cheap, never a float
+    (10^{-999999} != 0); two values collide with probability 2^-127 unless the text is built on PRIME. The operators
+    are those _ev uses (a Fraction on the left hands over to the reflected ones); no inverse mod PRIME: ValueError."""
+    __slots__ = ("r",)
+
+    def __init__(self, r: int):
+        self.r = r % PRIME
+
+    @staticmethod
+    def of(x) -> "Residue":
+        if not isinstance(x, (int, Fraction, Residue)):
+            raise ValueError("a huge exact value meets an irrational one")
+        return x if isinstance(x, Residue) else Residue(Fraction(x).numerator * pow(Fraction(x).denominator, -1, PRIME))
+
+    __add__ = __radd__ = lambda self, o: Residue(self.r + Residue.of(o).r)
+    __mul__ = __rmul__ = lambda self, o: Residue(self.r * Residue.of(o).r)
+    __truediv__ = lambda self, o: Residue(self.r * pow(Residue.of(o).r, -1, PRIME))
+    __rtruediv__ = lambda self, o: Residue.of(o) / self
+    __neg__ = lambda self: Residue(-self.r)
+    __pow__ = lambda self, n: Residue(pow(self.r, n % (PRIME - 1), PRIME) if self.r else pow(0, n, PRIME))  # Fermat
+
+
+EXACT = (Fraction, Residue)
+
+
 def _mp(x):
+    if isinstance(x, Residue):
+        raise ValueError("a huge exact value has no 50-digit value")
     return mpmath.mpf(x.numerator) / x.denominator if isinstance(x, Fraction) else x
+
+
+def _exact(x):  # a Fraction past MAX_EXACT_BITS continues as a Residue: big-number gcds would be the slow part
+    big = isinstance(x, Fraction) and max(x.numerator.bit_length(), x.denominator.bit_length()) > MAX_EXACT_BITS
+    return Residue.of(x) if big else x
+
+
+def _power(a, b):
+    if isinstance(a, Fraction) and a == 1 and isinstance(b, EXACT):  # 1^{2024^{2024}}: no exponent is too large
+        return a
+    if isinstance(a, EXACT) and isinstance(b, Fraction) and b.denominator == 1:  # 2^{2^{24}}, 10^{-999999}: exact
+        small = isinstance(a, Fraction) and \
+            max(a.numerator.bit_length(), a.denominator.bit_length()) * abs(b) <= MAX_EXACT_BITS
+        return a ** int(b) if small else Residue.of(a) ** int(b)
+    if abs(_mp(b)) > MAX_EXPONENT:
+        raise ValueError("exponent too large")
+    return mpmath.power(_mp(a), _mp(b))  # a negative base, a fractional exponent: the principal value
 
 
 def _ev(node, env):
@@ -357,16 +478,10 @@ def _ev(node, env):
         return mpmath.mpc(0, 1) if node[1] == "i" else +mpmath.pi if node[1] == "\\pi" else mpmath.inf
     if op in ("+", "*", "/", "^"):
         a, b = _ev(node[1], env), _ev(node[2], env)
-        exact = isinstance(a, Fraction) and isinstance(b, Fraction)
-        if op == "^" and exact and b.denominator == 1 and a != 0 and \
-                max(a.numerator.bit_length(), a.denominator.bit_length()) * abs(b) <= MAX_POW_BITS:
-            return a ** int(b)
         if op == "^":
-            if abs(_mp(b)) > MAX_EXPONENT:
-                raise ValueError("exponent too large")
-            return mpmath.power(_mp(a), _mp(b))  # a negative base, a fractional exponent: the principal value
-        a, b = (a, b) if exact else (_mp(a), _mp(b))
-        return a + b if op == "+" else a * b if op == "*" else a / b
+            return _exact(_power(a, b))
+        a, b = (a, b) if isinstance(a, EXACT) and isinstance(b, EXACT) else (_mp(a), _mp(b))
+        return _exact(a + b if op == "+" else a * b if op == "*" else a / b)
     x = _ev(node[2] if op == "f" else node[1], env)
     if op == "neg":
         return -x
@@ -382,15 +497,22 @@ def _ev(node, env):
         if not (isinstance(x, Fraction) and x.denominator == 1 and 0 <= x <= MAX_FACTORIAL):
             raise ValueError("factorial out of range")
         return Fraction(math.factorial(int(x)))
-    return abs(x) if op == "abs" else FUNCS[node[1]](_mp(x))
+    if op == "abs":
+        return abs(x)  # a Residue has no sign: a TypeError, i.e. not shown equal
+    if abs(_mp(x)) > MAX_FUNC_ARG:
+        raise ValueError("function argument too large")
+    return FUNCS[node[1]](_mp(x))
 
 
 def _close(a, b) -> bool:
     """Equal: exactly for two rationals, else to 35 significant digits (called inside workdps(DPS))."""
+    if isinstance(a, Residue) or isinstance(b, Residue):
+        return Residue.of(a).r == Residue.of(b).r
     if isinstance(a, Fraction) and isinstance(b, Fraction):
         return a == b
     a, b = _mp(a), _mp(b)
-    if not (mpmath.isfinite(a) and mpmath.isfinite(b)) or max(abs(a), abs(b)) > BIG:
+    if not (mpmath.isfinite(a) and mpmath.isfinite(b)) or max(abs(a), abs(b)) > BIG or \
+            0 < max(abs(a), abs(b)) < TINY:  # \pi^{-10^6} is not 0: rounding residues are ~10^-50, far above it
         return a == b
     return abs(a - b) <= TOL * max(1, abs(a), abs(b))
 
@@ -413,7 +535,7 @@ def _same_expr(a, b, scaled: bool = False) -> bool:
                 env = dict(zip(names, point))
                 va, vb = _ev(a, env), _ev(b, env)
                 if scaled and not _close(vb, 0):  # equations: the ratio must be one constant, not 0
-                    r = va / vb if isinstance(va, Fraction) and isinstance(vb, Fraction) else _mp(va) / _mp(vb)
+                    r = va / vb if isinstance(va, EXACT) and isinstance(vb, EXACT) else _mp(va) / _mp(vb)
                     if _close(r, 0) or (ratio is not None and not _close(r, ratio)):
                         return False
                     ratio = r
@@ -422,6 +544,15 @@ def _same_expr(a, b, scaled: bool = False) -> bool:
     except Exception:
         return False
     return True
+
+
+def _labelled(v):
+    """'x = 1, y = 2, x = 3, y = 4' -> ((1, 2), (3, 4)): equations naming the same values in turn; else None."""
+    names = [x[3] for x in v[1] if x[0] == "eq" and x[3]] if v[0] == "list" else []
+    k = len(set(names))
+    if k < 2 or len(names) < len(v[1]) or names != names[:k] * (len(names) // k):
+        return None
+    return tuple(tuple(x[2] for x in v[1][i:i + k]) for i in range(0, len(names), k))
 
 
 def _same_unordered(a, b) -> bool:
@@ -437,6 +568,12 @@ def _same_unordered(a, b) -> bool:
 def _same(p, g) -> bool:
     """Value equality; collections element-wise, equations by their right side or up to a factor."""
     kp, kg = p[0], g[0]
+    for a, b in ((p, g), (g, p)):  # labelled values against a tuple, several labelled solutions against tuples
+        groups = _labelled(a)
+        if groups and b[0] == "tup":
+            return len(groups) == 1 and _same(b[:3] + (groups[0],), b)
+        if groups and len(groups) > 1 and b[0] in ("list", "set"):
+            return _same_unordered([("tup", "(", ")", x) for x in groups], b[1])
     if kp == kg == "expr":
         return _same_expr(p[1], g[1])
     if kp == kg == "eq":
@@ -447,12 +584,12 @@ def _same(p, g) -> bool:
         return _same(p[1], g[1]) and _same(p[2], g[2])
     if "eq" in (kp, kg):  # x = 3 vs 3
         eq, other = (p, g) if kp == "eq" else (g, p)
-        return eq[3] and _same(eq[2], other)
+        return bool(eq[3]) and _same(eq[2], other)
     if kp == kg == "tup":
         return p[1:3] == g[1:3] and len(p[3]) == len(g[3]) and all(map(_same, p[3], g[3]))
     if kp == kg == "mat":
         return [len(r) for r in p[1]] == [len(r) for r in g[1]] and all(map(_same, sum(p[1], ()), sum(g[1], ())))
-    return (kp == kg or {kp, kg} == {"list", "set"}) and _same_unordered(p[1], g[1])
+    return (kp == kg or {kp, kg} in ({"list", "set"}, {"list", "union"})) and _same_unordered(p[1], g[1])
 
 
 def is_equiv(pred: str, gold) -> bool:
@@ -471,13 +608,24 @@ def is_equiv(pred: str, gold) -> bool:
         return True
     try:
         vp, vg = _value(cp), _value(cg)
-    except (ValueError, ZeroDivisionError, IndexError, RecursionError):
+    except (ValueError, ArithmeticError, TypeError, IndexError, RecursionError):  # TypeError: a complex bound
         return False
     if ("%" in pred) != ("%" in gold) and vp[0] == vg[0] == "expr":  # 50\% vs 0.5 (and vs 50, below)
         pct, other = (vp, vg) if "%" in pred else (vg, vp)
         if _same_expr(("/", pct[1], ("n", Fraction(100))), other[1]):
             return True
     return _same(vp, vg)
+
+
+def _checked(response, gold):
+    """(response, gold) as str, several golds as a tuple; an int/float (from a jsonl) becomes str, else TypeError."""
+    golds = tuple(gold) if isinstance(gold, (list, tuple)) else (gold,)
+    if not golds:
+        raise ValueError("grader: an empty list of gold answers")
+    for x in (response,) + golds:
+        if not (isinstance(x, str) or isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)):
+            raise TypeError(f"grader: answers must be str or finite int/float, not {type(x).__name__} {x!r:.60}")
+    return str(response), tuple(map(str, golds)) if isinstance(gold, (list, tuple)) else str(gold)
 
 
 def reward(response: str, gold, template) -> float:
@@ -493,6 +641,8 @@ def grade(response: str, gold) -> bool:
 # ---- batch grading in worker processes ------------------------------------------------------------------------
 def grade_item(task: str, template, response: str, gold):
     """One response, as a worker computes it: (reward, format_found) for "rewards", a bool for "grades"."""
+    response, gold = _checked(response, gold)
+    response = response[-MAX_RESPONSE_CHARS:]  # every step below is about linear in it
     answer = lenient_answer(response) if task == "grades" else extract_answer(response, template)
     correct = bool(answer) and is_equiv(answer, gold)
     return correct if task == "grades" else (float(correct), answer is not None)
@@ -533,9 +683,6 @@ class GraderPool:
         child.close()
         return proc, parent, progress
 
-    def alive(self) -> int:
-        return sum(proc.is_alive() for proc, _, _ in self._slots)
-
     def rewards(self, responses, golds, template) -> list:
         """[(reward, format_found)] per response: the template's strict reward and whether its format was found."""
         return self._run("rewards", template, responses, golds)
@@ -545,7 +692,9 @@ class GraderPool:
         return self._run("grades", None, responses, golds)
 
     def _run(self, task, template, responses, golds):
-        items = list(zip(responses, golds))
+        if len(responses) != len(golds):
+            raise ValueError(f"grader: {len(responses)} responses but {len(golds)} golds")
+        items = [_checked(r, g) for r, g in zip(responses, golds)]  # a bad input is an error here, not a silent 0
         if not self._slots:
             return [self.fn(task, template, r, g) for r, g in items]
         results = [False if task == "grades" else (0.0, False)] * len(items)  # what a killed response scores
