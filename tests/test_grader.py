@@ -1,11 +1,14 @@
 """grader.py: hand-labelled hard cases, generated rewrite/perturbation sets, the real math12k pairs, safety against
-payloads, pathological inputs, and the worker pool's time limit. CPU only, about half a minute."""
+payloads, pathological inputs, the worker pool's time limit, and issue 16: the frozen cases, equivalence and extraction
+per family, tiny values, huge function arguments, long responses, non-string inputs. CPU only, about half a minute."""
 import builtins
 import collections
 import json
 import os
 import re
 import time
+
+import pytest
 
 import grader
 from grader import GraderPool, extract_answer, grade, is_equiv, lenient_answer, reward
@@ -195,3 +198,113 @@ def test_pool_matches_in_process_and_preserves_order():
             assert pool.grades(responses, golds) == want_g
             assert pool.rewards([], [], "r1") == [] and pool.timeouts == 0
     assert sum(r for r, _ in want_r) > 100 and sum(want_g) > 100
+
+
+FROZEN = os.path.join(HERE, "grader_frozen.jsonl")
+
+
+def test_frozen_cases_of_issue_16():
+    """115 cases written before the issue-16 changes (score then: 56/115, 10 FP, 49 FN); every one must hold now."""
+    cases = [json.loads(line) for line in open(FROZEN)]
+    assert len(cases) >= 60 and len({c["family"] for c in cases}) >= 12
+    wrong = [(c["family"], c["gold"][:40], c["response"][-60:]) for c in cases
+             if grade(c["response"], c["gold"]) != c["label"]]
+    assert wrong == []
+
+
+# (pred, gold, equal) per family: answers as is_equiv sees them (grade() adds the extraction on top).
+FAMILIES = {
+    "inequality": [("x\\geqslant 3", "[3, \\infty)", True), ("3 < x", "x > 3", True),
+                   ("-2x \\le -6", "x \\ge 3", True),
+                   ("x \\ne 4", "(-\\infty, 4) \\cup (4, \\infty)", True), ("\\mathbb{R}", "(-\\infty, \\infty)", True),
+                   ("0 \\le x < 1", "[0, 1)", True),
+                   ("x < -1 \\text{ or } x > 1", "(-\\infty,-1)\\cup(1,\\infty)", True),
+                   ("x > 3", "x \\ge 3", False), ("0 < x \\le 1", "[0, 1]", False), ("x < 3", "(3, \\infty)", False)],
+    "thousands": [("12\\, 345", "12345", True), ("1,\\!234,\\!567", "1234567", True), ("7{,} 000", "7000", True),
+                  ("3,\\ 500", "3500", True), ("1\\,500", "1050", False), ("1, 000", "1000", False)],
+    "identity": [("5^{3^{20}} - 5^{3^{20}}", "0", True), ("1^{7^{7^{7}}}", "1", True), ("(-1)^{10^{30}}", "1", True),
+                 ("8^{2^{20}}", "2^{3 \\cdot 2^{20}}", True), ("3^{3000}", str(3 ** 3000), True),
+                 ("3^{3000}", str(3 ** 3000 + 1), False), ("2^{2^{30}}", "2^{2^{30}} + 1", False)],
+    "labelled": [("p = 3, q = -2", "(3, -2)", True), ("(3, -2)", "p = 3, q = -2", True),
+                 ("p = -2, q = 3", "(3, -2)", False), ("x=0, y=1 \\text{ or } x=1, y=0", "(1, 0), (0, 1)", True),
+                 ("x=0, y=0 \\text{ or } x=1, y=0", "(1,0),(0,1)", False),
+                 ("PQ = 13", "13", True), ("\\angle B = 45^\\circ", "45", True), ("PQ = 12", "13", False)],
+    "sets_matrices": [("\\{5, -5\\}", "-5, 5", True), ("0, \\pm 2", "\\{-2, 0, 2\\}", True),
+                      ("\\{1, 2\\}", "1, 2, 3", False),
+                      ("\\left[\\begin{array}{cc} 0 & 1 \\\\ 1 & 0 \\end{array}\\right]",
+                       "\\begin{pmatrix} 0 & 1 \\\\ 1 & 0 \\end{pmatrix}", True),
+                      ("\\left[\\begin{array}{cc} 1 & 0 \\\\ 0 & 1 \\end{array}\\right]",
+                       "\\begin{pmatrix} 0 & 1 \\\\ 1 & 0 \\end{pmatrix}", False)],
+    "products": [("cab", "abc", True), ("q p r + 1", "1 + pqr", True), ("2mn", "2nm + 1", False)],
+    "repeating": [("0.\\overline{27}", "\\frac{3}{11}", True), ("0.58\\overline{3}", "\\frac{7}{12}", True),
+                  ("0.(142857)", "\\frac{1}{7}", True), ("0.\\overline{3}", "0.3", False),
+                  ("0.27", "\\frac{3}{11}", False)],
+}
+
+
+def test_equivalence_per_family():
+    wrong = [(fam, p, g) for fam, cases in FAMILIES.items() for p, g, want in cases if is_equiv(p, g) != want]
+    assert wrong == []
+
+
+def test_lenient_extraction_per_family():
+    """Closing sentences (no box), digits inside words, responses cut off or inside an unclosed <think>."""
+    assert lenient_answer("Final Answer: the value of $k$ is 9. I hope it is correct.") == "9"
+    assert lenient_answer("Thus the answer is $\\frac{2}{3}$.<|im_end|>\n<|im_start|>user\nAnd 5?") == "\\frac{2}{3}"
+    assert lenient_answer("**Final Answer:** 42") == "42"
+    assert lenient_answer("Therefore, there are 12 ways to seat 3 people.") == "12"
+    assert lenient_answer("Therefore, the area is $\\frac{9}{2}$ square units.") == "\\frac{9}{2}"
+    assert lenient_answer("The answer is either 10 or 12.") == "either 10 or 12"  # a hedge stays whole (and fails)
+    assert grade("So the final answer is: the total equals 300 dollars.\n\n(Note: tax excluded.)", "300")
+    assert grade("Final Answer: The final answer is $6$. I hope it is correct.", "6")
+    assert not grade("Final Answer: the value of $n$ is 5. I hope it is correct.", "6")
+    assert lenient_answer("I checked it with the isotope C14.") is None  # a digit in a word is no number
+    assert lenient_answer("The product formed is CO2.") is None
+    assert lenient_answer("First, 6 \\times 7 = 42. Then we add the") is None  # cut off mid-sentence
+    assert lenient_answer("<think>\nSo 6 \\times 7 = 42") is None  # an unclosed <think>
+    assert lenient_answer("<think>6 \\times 7 = 42</think>\nThe product is 42.") == "42"
+    assert not grade("We get 4 + 5 = 9, and next", "9") and grade("We get 4 + 5 = 9.", "9")
+
+
+def test_tiny_exact_values_are_not_zero():
+    for pred in ("10^{-999999}", "2^{-200000}", "\\frac{1}{10^{999999}}", "3^{-500000}", "\\sqrt{2}^{-999999}"):
+        t0 = time.perf_counter()
+        assert reward(f"\\boxed{{{pred}}}", "0", "qwen_math") == 0.0, pred
+        assert time.perf_counter() - t0 < 2.0
+    assert reward("\\boxed{10^{-50} - 10^{-50}}", "0", "qwen_math") == 1.0
+    assert reward("\\boxed{\\sin(\\pi)}", "0", "qwen_math") == 1.0  # rounding residues still count as 0
+
+
+def test_huge_function_arguments_return_fast():
+    for pred in ("\\sin(10^{999999})", "\\exp(10^{999999})", "\\cos(2^{10^{9}})", "\\exp(\\exp(\\exp(\\exp(10))))",
+                 "\\tan(10^{900})", "e^{10^{999999}}"):
+        t0 = time.perf_counter()
+        assert grade(f"\\boxed{{{pred}}}", "1") is False and reward(f"\\boxed{{{pred}}}", pred, "qwen_math") == 1.0
+        assert time.perf_counter() - t0 < 2.0, pred
+
+
+def test_long_responses_are_bounded():
+    """Anything up to 1 MB is handled in well under a second; longer responses are cut to their last 1 MB."""
+    for resp, gold, want in [("x " * 5_000_000, "5", False), ("y " * 5_000_000 + "\\boxed{5}", "5", True),
+                             ("{" * 10_000_000, "1", False), ("\\boxed{" + "{" * 2_000_000, "1", False),
+                             ("7 " * 500_000 + ".", "7", True), ("$" * 10_000_000, "1", False)]:
+        t0 = time.perf_counter()
+        assert grade(resp, gold) is want and reward(resp, gold, "qwen_math") == float(want and "boxed" in resp)
+        assert time.perf_counter() - t0 < 2.0, resp[:20]
+    assert grade("\\boxed{5}" + " x" * 400_000, "5")  # the box lies within the last 1 MB
+    assert not grade("\\boxed{5}" + " x" * 600_000, "5")  # cut: 1.2 MB, the box is in the first 0.2 MB
+
+
+def test_non_string_inputs_are_converted_or_refused():
+    assert grade("\\boxed{12}", 12) and reward("\\boxed{0.5}", 0.5, "qwen_math") == 1.0 and grade(7, "7")
+    assert reward("\\boxed{3}", [3, "three"], "qwen_math") == 1.0
+    for response, gold in [("\\boxed{1}", None), (None, "1"), ("\\boxed{1}", True), ("\\boxed{1}", {"a": 1}),
+                           ("\\boxed{1}", float("nan")), ("\\boxed{1}", [])]:
+        with pytest.raises((TypeError, ValueError)):
+            grade(response, gold)
+    with GraderPool(workers=1) as pool:  # refused in the parent, never a silent 0 from a worker
+        with pytest.raises(TypeError):
+            pool.grades(["\\boxed{1}", "\\boxed{2}"], ["1", None])
+        with pytest.raises(ValueError):
+            pool.rewards(["\\boxed{1}"], ["1", "2"], "qwen_math")
+        assert pool.grades(["\\boxed{2}"], [2]) == [True]
