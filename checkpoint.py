@@ -110,6 +110,26 @@ def saved_world(path: str) -> int:
     return len(glob.glob(os.path.join(path, "trainer", "rank*.pt")))
 
 
+def lock_run_dir(out_dir: str):
+    """One run per out_dir: an OS lock (flock) on out_dir/.lock, held through the returned file descriptor for
+    the life of the process; the OS drops it when the process dies, even by SIGKILL, so a crashed run never
+    blocks its own restart. Returns the fd, or "host:pid" of the live run that holds it. Caveat: flock is not
+    reliable on every network file system (NFS before v4, some FUSE mounts); there, two runs are not stopped."""
+    import fcntl
+    import socket
+    os.makedirs(out_dir, exist_ok=True)
+    fd = os.open(os.path.join(out_dir, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip() or "(unknown process)"
+        os.close(fd)
+        return holder
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{socket.gethostname()}:{os.getpid()}".encode(), 0)
+    return fd
+
+
 def clean_partial(out_dir: str, rank: int):
     """Remove what an interrupted save left behind."""
     if rank == 0:

@@ -235,6 +235,8 @@ def main(argv=None):
     from grader import GraderPool
     if args.regrade:
         records = read_jsonl(args.regrade, ("problem", "gold", "response", "length", "truncated"))
+        if not records:
+            fail(f"{args.regrade}: no samples to regrade (the file is empty)")
         out = args.out or os.path.splitext(args.regrade)[0].removesuffix(".samples") + ".regraded.json"
         with GraderPool(workers=args.workers) as pool:
             regrade(pool, records, args.template)

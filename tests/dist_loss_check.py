@@ -24,7 +24,8 @@ G = 4             # samples per prompt
 N = 8             # responses in the minibatch: 2 groups; this is the batch normaliser n_responses
 MAX_NEW = 12      # Dr. GRPO's generation budget (also the longest response here)
 TEMPERATURE = 0.7
-BUDGETS = (1, 30, 10_000)  # tokens per row: one sequence per row; a few per row, unevenly; all in one row
+BUDGETS = (1, 14, 30, 10_000)  # tokens per row: one sequence per row; 14: rank 1 runs an empty micro-step
+# at world 2; a few per row, unevenly; all in one row
 
 
 def tiny_model(tied: bool, seed: int = 0):
@@ -145,6 +146,8 @@ def main():
         model = tiny_model(tied)
         seqs = make_minibatch(model)
         refs = {algo: padded_grads(model, seqs, algo) for algo in ("grpo", "drgrpo")}
+        plan = train.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, 14)
+        assert world == 1 or [] in plan[-1], "budget 14 no longer gives a rank an empty micro-step"
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
