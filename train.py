@@ -125,11 +125,12 @@ def parse_config(argv=None) -> Config:
 
 
 def fail(msg: str):
-    """Stop on a config or data error with one line, printed once: by rank 0. The other ranks exit quietly,
-    a moment later, so that torchrun reports rank 0's line and not their silent exit."""
+    """Stop on a config or data error with one line, printed once: by rank 0. The other ranks wait quietly
+    for torchrun to stop them when rank 0 exits (on a loaded machine rank 0 can reach this point seconds after
+    them; exiting first would get it killed before it prints), and give up after a minute."""
     if int(os.environ.get("RANK", "0")) == 0:
         sys.exit(f"train.py: {msg}")
-    time.sleep(5)
+    time.sleep(60)
     sys.exit(1)
 
 
@@ -144,8 +145,6 @@ def check_config(cfg: Config, world: int) -> str:
     from templates import TEMPLATES
     if cfg.algo not in ("grpo", "drgrpo"):
         return f"--algo must be grpo or drgrpo, got {cfg.algo!r}"
-    if not os.path.isdir(cfg.model) and (cfg.model.startswith(("/", ".", "~")) or cfg.model.count("/") != 1):
-        return f"--model {cfg.model}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)"
     if cfg.template not in TEMPLATES or not TEMPLATES[cfg.template].train:
         return f"--template {cfg.template!r} is not a training template (qwen_math, r1, no)"
     # grader_workers >= 1: workers=0 grades in-process with no time limit, and model output must not hang a rank
@@ -452,6 +451,8 @@ def main(argv=None):
     # Start-up order: everything that can be wrong with the config and the data is checked first (one line,
     # nothing written); then rank 0 takes the run directory's lock; only then is anything cleaned or written.
     template = get_template(cfg.template)
+    if not os.path.isdir(cfg.model) and (cfg.model.startswith(("/", ".", "~")) or cfg.model.count("/") != 1):
+        fail(f"--model {cfg.model}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)")
     try:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model)
         generation_config = GenerationConfig.from_pretrained(cfg.model)
