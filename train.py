@@ -305,16 +305,21 @@ def build_policy(cfg: Config, device):
     """The HF model, sharded with FSDP2: each decoder layer, then the root. bf16 compute on GPU, fp32 on CPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from transformers import AutoModelForCausalLM
+
+    from loss import register_packed_attention
     cuda = device.type == "cuda"
-    kw = {}
+    # The update feeds packed rows: flash-attention's varlen kernel where installed (GPU), else one causal sdpa
+    # call per sequence (loss.packed_attention); never transformers' sdpa path, whose block mask is dense.
+    attn = "packed_sdpa"
     if cuda:
         try:
             import flash_attn  # noqa: F401
-            kw["attn_implementation"] = "flash_attention_2"
+            attn = "flash_attention_2"
         except ImportError:
-            kw["attn_implementation"] = "sdpa"
+            pass
+    register_packed_attention()
     torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, **kw).to(device)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation=attn).to(device)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

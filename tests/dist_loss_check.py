@@ -6,8 +6,8 @@ Each rank builds the same tiny Qwen2 and computes the reference gradient of the 
 (one right-padded row per response, attention mask, unwrapped model). Then it wraps the model with fully_shard
 (each decoder layer, then the root) and runs train.py's own update path: `balance` splits the minibatch over
 ranks by tokens and packs each rank's share into padding-free rows of at most BUDGET tokens, `packed_row` builds
-each row, and .backward() is accumulated over the micro-steps. The full gradient must equal the reference for
-every token budget. tests/test_loss.py imports the helpers for the world-size-1 case.
+each row, runs it with train.py's packed attention (one causal sdpa call per sequence), and .backward() is
+accumulated over the micro-steps. The full gradient must equal the reference for every token budget. tests/test_loss.py imports the helpers for the world-size-1 case.
 """
 import os
 import sys
@@ -18,6 +18,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import loss as L  # noqa: E402
 import train  # noqa: E402
+
+L.register_packed_attention()
 
 VOCAB = 256
 G = 4             # samples per prompt
@@ -146,6 +148,7 @@ def main():
         model = tiny_model(tied)
         seqs = make_minibatch(model)
         refs = {algo: padded_grads(model, seqs, algo) for algo in ("grpo", "drgrpo")}
+        model.set_attn_implementation("packed_sdpa")  # train.py's attention on CPU: one sdpa call per sequence
         plan = train.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, 14)
         assert world == 1 or [] in plan[-1], "budget 14 no longer gives a rank an empty micro-step"
         for layer in model.model.layers:

@@ -197,8 +197,9 @@ def test_token_logprobs_match_naive_log_softmax(tied):
 
 def test_packed_row_equals_sequences_alone():
     """A packed row (position_ids restarting at 0, no attention mask) gives each sequence the log-probs and
-    gradient it gets alone in a padded batch: attention does not cross sequences. Without the restarting
-    positions it would (the check can fail)."""
+    gradient it gets alone in a padded batch, with transformers' block mask and with train.py's per-sequence
+    attention: attention does not cross sequences. Without the restarting positions it would (the check can
+    fail)."""
     model = D.tiny_model(tied=True)
     seqs = D.make_minibatch(model)
     D.set_advantages(seqs, "drgrpo")
@@ -209,7 +210,9 @@ def test_packed_row_equals_sequences_alone():
     want_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
     row = train.packed_row(seqs, list(range(D.N)), pad_id=0)
     assert row["ids"].shape == (1, sum(len(s["ids"]) for s in seqs))  # no padding at all
-    for pos, ok in ((row["pos"], True), (None, False)):
+    L.register_packed_attention()
+    for attn, pos, ok in (("sdpa", row["pos"], True), ("packed_sdpa", row["pos"], True), ("sdpa", None, False)):
+        model.set_attn_implementation(attn)
         model.zero_grad()
         logp, _ = L.token_logprobs(model, row["ids"], None, row["resp"], 0.7, position_ids=pos)
         got = logp[row["resp"]]
@@ -238,13 +241,18 @@ def test_balance_splits_by_tokens():
     assert [step[0] for step in alone] == [[i] for i in sorted(lengths, key=lambda i: (-lengths[i], i))]
 
 
-def test_minibatch_gradient_world_1():
-    """train.py's packed update, token budgets from one sequence per row to one row, against the padded path."""
+@pytest.mark.parametrize("attn", ["packed_sdpa", "sdpa"])
+def test_minibatch_gradient_world_1(attn):
+    """train.py's packed update, token budgets from one sequence per row to one row, against the padded path;
+    with train.py's per-sequence attention and with transformers' own block mask (the path flash-attention's
+    varlen kernel takes on GPU, from the same position_ids)."""
     model = D.tiny_model(tied=False)
     seqs = D.make_minibatch(model)
     for algo in ("grpo", "drgrpo"):
+        model.set_attn_implementation("sdpa")
         ref = D.padded_grads(model, seqs, algo)
         assert max(g.abs().max() for g in ref.values()) > 0
+        model.set_attn_implementation(attn)
         for budget in D.BUDGETS:
             got = D.packed_grads(model, seqs, algo, budget, rank=0, world=1)
             assert D.max_rel_err(got, ref) < 1e-5, (algo, budget)
