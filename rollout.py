@@ -86,6 +86,10 @@ class VLLMEngine:
         cuda = torch.cuda.is_available()
         if not cuda:
             _set_cpu_env_defaults()
+        # vLLM logs several INFO/WARNING lines per call (prefix-cache resets, sleep and wake, weight reloads,
+        # "sleep mode is not supported on CPU") that bury the trainer's one line per iteration. Errors only,
+        # unless the user's environment says otherwise (VLLM_LOGGING_LEVEL=INFO brings them back).
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
         from vllm import LLM
         kw = dict(distributed_executor_backend="external_launcher") if colocated else {}
         if dtype == "auto" and not cuda:  # vLLM-CPU would pick bf16; the CPU trainer is fp32, so sample in fp32
@@ -97,7 +101,7 @@ class VLLMEngine:
                        # CPU: a prompt split over scheduler steps makes vLLM rewind a seeded request's
                        # generator, which CPU generators cannot do ("CPU Generator does not use offset").
                        enable_chunked_prefill=cuda,
-                       logprobs_mode="processed_logprobs", **kw)
+                       logprobs_mode="processed_logprobs", use_tqdm_on_load=False, **kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         self.nan_logprobs = 0
@@ -262,12 +266,9 @@ class HFEngine:
 def make_engine(kind: str, model_path: str, **kw):
     """kind: "vllm" | "hf" | "auto" (vLLM when it is installed). kw go to the engine; HFEngine takes only
     seed, max_model_len, dtype and device, so the vLLM-only ones are dropped for it."""
-    if kind == "auto":
-        try:
-            import vllm  # noqa: F401
-            kind = "vllm"
-        except ImportError:
-            kind = "hf"
+    if kind == "auto":  # find_spec, not import: VLLMEngine sets vLLM's environment before its first import
+        import importlib.util
+        kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
     if kind == "vllm":
         return VLLMEngine(model_path, **kw)
     if kind == "hf":

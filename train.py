@@ -15,10 +15,13 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import dataclass, fields
 
-import torch
-import torch.distributed as dist
+# Quiet by default (the user's environment wins): vLLM's CPU build warns about NUMA binding from C++ at start.
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # Config: one flat dataclass; argparse is generated from it (dashes on the CLI); recipes override defaults.
@@ -95,10 +98,9 @@ RECIPES = {
     "cpu_demo": dict(
         model="data/demo/model", questions="data/demo/train.jsonl", eval_file="data/demo/heldout.jsonl",
         rollout_batch=32, group_size=8, max_new_tokens=64, max_prompt_tokens=128, train_batch=128,
-        # 1,024: on CPU a packed row's attention is dense over the whole row (a block mask), which at hidden 64
-        # dominates long rows (2,048: 1.6 s per update here), while short rows pay FSDP's per-step collectives
-        # (512: 1.5 s); 1,024 took 0.93 s. The padded update of the previous code took 0.38 s on this model.
-        max_tokens_per_micro_batch=1024, iterations=100, lr=2e-4, warmup_steps=0, eval_every=20, eval_n=8,
+        # one row per rank and minibatch: packed attention costs nothing across sequences, so bigger rows only
+        # save FSDP's per-micro-step collectives
+        max_tokens_per_micro_batch=8192, iterations=100, lr=2e-4, warmup_steps=0, eval_every=20, eval_n=8,
         eval_temperature=1.0, eval_max_new_tokens=64, out_dir="runs/cpu_demo", save_every=20, log_samples_every=10,
         grad_checkpointing=False, grader_workers=1, threads=1),
 }
@@ -261,30 +263,17 @@ def setup_distributed(threads: int):
 def exit_with_parent():
     """torchrun starts its ranks in their own sessions, so killing torchrun's process group (a scheduler, a
     closed terminal) does not reach them, and they would train on alone. A daemon thread watches the parent:
-    when it is gone, the rank kills its own descendants (grader workers) and exits within a second. A
+    when it is gone, the rank kills its process group (itself and its grader workers) within a second. A
     checkpoint being written stays a .tmp-step_N directory, which the next start removes."""
     import signal
     import threading
-    parent, me = os.getppid(), os.getpid()
+    parent = os.getppid()
 
     def watch():
         while os.getppid() == parent:
             time.sleep(0.5)
-        children = {}  # ppid -> pids, from /proc (Linux); elsewhere only the rank itself goes
-        for d in os.listdir("/proc") if os.path.isdir("/proc") else []:
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    children.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(d))
-            except (OSError, ValueError, IndexError):
-                continue
-        todo = list(children.get(me, []))
-        while todo:
-            pid = todo.pop()
-            todo += children.get(pid, [])
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        if os.getpgid(0) == os.getpid():  # a group of our own (torchrun's ranks): workers and all
+            os.killpg(0, signal.SIGKILL)
         os._exit(1)
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
@@ -430,6 +419,13 @@ def at_responses(row: dict, values: list):
     return out.masked_scatter_(row["resp"], torch.cat(values)) if values else out
 
 
+def plot(metrics_path: str) -> str:
+    """The run's curves (reward / accuracy, correct / incorrect lengths) as a PNG beside metrics.jsonl."""
+    import plot as P
+    return P.plot([metrics_path], [os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))],
+                  metrics_path.rsplit(".", 1)[0] + ".png")
+
+
 def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, world: int, device):
     """Mean template reward on the held-out set, each rank scoring its share (eval.py's protocol)."""
     from eval import evaluate
@@ -451,8 +447,16 @@ def main(argv=None):
     from rollout import fsdp_full_tensors, logprob_mismatch, make_engine
     from templates import get_template
     from transformers import AutoTokenizer, GenerationConfig
-    print0(json.dumps(dataclasses.asdict(cfg), indent=1), rank=rank)
+    from transformers.utils import logging as transformers_logging
+    # One line: the settings that differ from the paper's defaults (the whole Config goes with every checkpoint).
+    changed = {f.name: getattr(cfg, f.name) for f in fields(Config) if getattr(cfg, f.name) != f.default}
+    print0("train.py: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), rank=rank)
     exit_with_parent()
+    # Warnings nobody running this can act on: a third-party deprecation, and FSDP2's note on the view that
+    # transformers' output is (nothing here modifies it in place).
+    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*is deprecated")
+    warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+    transformers_logging.disable_progress_bar()
     # Start-up order: everything that can be wrong with the config and the data is checked first (one line,
     # nothing written); then rank 0 takes the run directory's lock; only then is anything cleaned or written.
     template = get_template(cfg.template)
@@ -684,8 +688,9 @@ def main(argv=None):
         if final and rank == 0:
             with open(metrics_path) as f:
                 first = json.loads(f.readline())
+            png = plot(metrics_path)
             bar.write(f"held-out accuracy: before {100 * first['eval_accuracy']:.1f}% -> after "
-                      f"{100 * rec['eval_accuracy']:.1f}% ({iterations} iterations)")
+                      f"{100 * rec['eval_accuracy']:.1f}% ({iterations} iterations); curves: {png}")
     bar.close()
     pool.close()
     # No destroy_process_group here: vLLM's own shutdown (at exit) tears down the process groups it shares.

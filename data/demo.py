@@ -1,6 +1,11 @@
 """Build the CPU demo: a synthetic task, a byte-level BPE tokenizer and a tiny Qwen2 base model.
 
-    python data/demo.py --out data/demo          # ~2.5 min on this 2-core machine, deterministic for --seed
+    python data/demo.py --out data/demo            # seconds: the task files + the shipped base model (seed 0)
+    python data/demo.py --out data/demo --rebuild  # pretrain the base model here (~2.5 min), deterministic for --seed
+
+The base model of seed 0 ships with the repo (data/demo_model/, 660 KB), so a newcomer's first run does not
+wait for pretraining; `--rebuild` makes it again and says whether its weights are bit-identical to the shipped
+ones (they were on the machine that built them; floating-point kernels may differ on other CPUs).
 
 Writes  data/demo/train.jsonl     {"problem", "answer"}  the RL prompts (18,088 problems)
         data/demo/heldout.jsonl   512 problems never seen in pretraining or RL, for the accuracy figure
@@ -18,8 +23,9 @@ The model: Qwen2, hidden 64, 2 layers, head_dim 32 (vLLM's CPU attention rejects
 ~0.16M parameters, 400 pretraining steps of 128 documents.
 Held-out accuracy, defined once and used everywhere (train.py's evaluation, this script): the mean qwen_math
 reward of 8 samples at temperature 1 per problem on heldout.jsonl (eval.evaluate).
-Measured here (seed 0, 1 torch thread, 2-core machine, fresh clone): built in 143-151 s; held-out accuracy
-48.9 % (greedy 55.5 %), the same 48.8 % when train.py measures it before RL.
+Measured here (seed 0, 1 torch thread, 2-core machine, 2026-12-01): built in 156 s (the shipped model);
+train.py measures 39.8 % held-out accuracy before RL. (The build of 2026-11-22 measured 48.8 %: same code,
+another machine's kernels, another model.)
 """
 import argparse
 import json
@@ -33,6 +39,9 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from templates import render  # noqa: E402
+
+SHIPPED = os.path.join(REPO, "data", "demo_model")  # the seed-0 base model, built by --rebuild, committed
+SHIPPED_SHA256 = "2be5575d42971e52e376704a7facdef05964ba77d8093ae7b1f8c2e096aae30b"  # its model.safetensors
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Qwen2's pre-tokenizer split: single digits, words, punctuation runs, whitespace (a published regex).
@@ -176,16 +185,38 @@ def heldout_accuracy(model_dir: str, rows, seed: int, engine: str = "auto"):
     return sampled["accuracy"], greedy["accuracy"]
 
 
-def build(out: str, seed: int = 0, steps: int = 400, batch: int = 128, lr: float = 1e-2, hidden: int = 64,
-          layers: int = 2, log_every: int = 50) -> str:
-    """Write train.jsonl, heldout.jsonl and model/ under out; return the model directory."""
-    from transformers import Qwen2ForCausalLM
-    train, heldout = split_problems(seed)
+def sha256(path: str) -> str:
+    import hashlib
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def write_task(out: str, seed: int):
+    """train.jsonl and heldout.jsonl under out (seconds)."""
     os.makedirs(out, exist_ok=True)
-    for name, probs in [("train", train), ("heldout", heldout)]:
+    for name, probs in zip(("train", "heldout"), split_problems(seed)):
         with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
             for p in probs:
                 f.write(json.dumps({"problem": question(p), "answer": str(solution(p))}) + "\n")
+
+
+def shipped(out: str) -> str:
+    """The task files and a copy of the shipped seed-0 base model under out; return the model directory."""
+    import shutil
+    if sha256(os.path.join(SHIPPED, "model.safetensors")) != SHIPPED_SHA256:
+        sys.exit(f"data/demo.py: {SHIPPED}/model.safetensors is not the shipped model (sha256 differs); "
+                 "restore it with git, or use --rebuild")
+    write_task(out, seed=0)
+    shutil.copytree(SHIPPED, os.path.join(out, "model"), dirs_exist_ok=True)
+    return os.path.join(out, "model")
+
+
+def build(out: str, seed: int = 0, steps: int = 400, batch: int = 128, lr: float = 1e-2, hidden: int = 64,
+          layers: int = 2, log_every: int = 50) -> str:
+    """Write train.jsonl, heldout.jsonl and a freshly pretrained model/ under out; return the model directory."""
+    from transformers import Qwen2ForCausalLM
+    write_task(out, seed)
+    train, heldout = split_problems(seed)
     docs = list(corpus(train, seed))
     tok = build_tokenizer(docs + [LATEX_SAMPLE])
     torch.manual_seed(seed)
@@ -206,12 +237,20 @@ def main():
     p.add_argument("--lr", type=float, default=1e-2, help="peak learning rate")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads: fixed, so the build is deterministic (and 1 is fastest for a model this small)")
+    p.add_argument("--rebuild", action="store_true", help="pretrain the base model here instead of copying the "
+                   "shipped one (always, for a seed other than 0)")
     p.add_argument("--no-eval", action="store_true", help="skip the held-out accuracy measurement")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
-    model_dir = build(args.out, args.seed, args.steps, args.batch, args.lr)
-    print(f"built {model_dir} in {time.time() - t0:.0f}s", flush=True)
+    if args.rebuild or args.seed != 0:
+        model_dir = build(args.out, args.seed, args.steps, args.batch, args.lr)
+        same = sha256(os.path.join(model_dir, "model.safetensors")) == SHIPPED_SHA256
+        print(f"built {model_dir} in {time.time() - t0:.0f}s" + (f"; bit-identical to the shipped model: {same}"
+                                                                 if args.seed == 0 else ""), flush=True)
+    else:
+        model_dir = shipped(args.out)
+        print(f"wrote the task files and the shipped base model to {args.out}", flush=True)
     if not args.no_eval:
         with open(os.path.join(args.out, "heldout.jsonl")) as f:
             rows = [json.loads(line) for line in f]

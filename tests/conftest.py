@@ -26,9 +26,7 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_model_dir(tmp_path_factory):
-    """The demo's tiny Qwen2, briefly pretrained (160 steps): it answers in \\boxed{} and is right some of the time,
-    so RL sees non-zero advantages. Its directory also holds the demo's train.jsonl and heldout.jsonl."""
-    import torch
-    from data.demo import build
-    torch.set_num_threads(1)
-    return build(str(tmp_path_factory.mktemp("demo")), seed=0, steps=160, batch=64, lr=1e-2, log_every=1000)
+    """The demo's shipped tiny Qwen2 base model (data/demo_model): it answers in \\boxed{} and is right some of the
+    time, so RL sees non-zero advantages. Its directory also holds the demo's train.jsonl and heldout.jsonl."""
+    from data.demo import shipped
+    return shipped(str(tmp_path_factory.mktemp("demo")))

@@ -19,6 +19,15 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     assert read(os.path.dirname(a), "heldout.jsonl") == read(os.path.dirname(b), "heldout.jsonl")
 
 
+def test_shipped_base_model(tmp_path):
+    """make demo copies the committed seed-0 base model instead of pretraining it: the copy is the recorded one,
+    and a changed file is refused with one line."""
+    from data import demo
+    model = demo.shipped(str(tmp_path / "demo"))
+    assert demo.sha256(os.path.join(model, "model.safetensors")) == demo.SHIPPED_SHA256
+    assert os.path.isfile(os.path.join(tmp_path, "demo", "heldout.jsonl"))
+
+
 def test_tokenizer_and_model_shape(demo_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     tok = AutoTokenizer.from_pretrained(demo_model_dir)

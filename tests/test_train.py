@@ -164,7 +164,9 @@ def test_end_to_end_two_processes(full_run):
         assert r["t_generate"] > 0 and r["tokens_per_s"] > 0
     assert any(r["grad_norm"] > 0 for r in recs[1:])  # some group had unequal rewards: a real update
     assert "eval_accuracy" in recs[2] and "eval_accuracy" in recs[4] and "eval_accuracy" not in recs[3]
-    assert "held-out accuracy: before" in log
+    assert "held-out accuracy: before" in log and os.path.isfile(os.path.join(out, "metrics.png"))
+    # a quiet screen: our lines and the progress bar, not vLLM's per-call INFO/WARNING lines
+    assert "reset prefix cache" not in log and " INFO " not in log and "sleep mode is not supported" not in log
     samples = [json.loads(line) for line in open(os.path.join(out, "samples.jsonl"))]
     assert samples and {"problem", "gold", "response", "reward"} <= set(samples[0])
     # keep=2: only the last two checkpoints remain, each an HF directory with the run's Config
