@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test
+.PHONY: setup demo test length-bias
 setup:
 	@./setup.sh
 
@@ -18,3 +18,16 @@ demo: setup data/demo/model/config.json
 # pytest exits 5 when it collects nothing: that is a failure here, said in words.
 test: setup
 	@$(PY) -m pytest -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests"; exit $$rc
+
+# The paper's length bias in miniature (README): GRPO and Dr. GRPO on data/demo_length.py's task, 3 seeds each
+# (~3 min a run), then the figure and the per-seed table.
+data/demo_length/model/config.json: | setup
+	@$(PY) data/demo_length.py --out data/demo_length
+
+LENGTH_RUNS := grpo-1 grpo-2 grpo-3 drgrpo-1 drgrpo-2 drgrpo-3
+length-bias: setup data/demo_length/model/config.json
+	@for run in $(LENGTH_RUNS); do \
+	  .venv/bin/torchrun --standalone --nproc_per_node 2 train.py --recipe cpu_length --algo $${run%-*} \
+	    --seed $${run#*-} --out-dir runs/length/$$run || exit 1; done
+	@$(PY) plot.py $(foreach r,$(LENGTH_RUNS),runs/length/$(r)/metrics.jsonl) --labels grpo grpo grpo drgrpo drgrpo drgrpo \
+	  --out assets/length_bias.png --table

