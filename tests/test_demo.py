@@ -44,3 +44,34 @@ def test_tokenizer_and_model_shape(demo_model_dir):
     held = [json.loads(line) for line in open(os.path.join(os.path.dirname(demo_model_dir), "heldout.jsonl"))]
     train = [json.loads(line) for line in open(os.path.join(os.path.dirname(demo_model_dir), "train.jsonl"))]
     assert len(held) >= 512 and not {r["problem"] for r in held} & {r["problem"] for r in train}
+
+
+def test_length_bias_task_end_to_end(tmp_path):
+    """data/demo_length.py's task, briefly built, through the cpu_length recipe under real torchrun (2 ranks),
+    then plot.py's per-seed table on it: the short version of `make length-bias`."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from data import demo_length
+    from data.demo import build
+    docs = list(demo_length.corpus([(n, "cups", 5, "-", 2) for n in ("Ann", "Ben", "Cara", "Dan")] * 10, seed=0))
+    assert sum(demo_length.FILLER in d for d in docs) > 0 and any("= 3." in d for d in docs)
+    model = build(str(tmp_path / "task"), seed=0, steps=3, batch=8, log_every=1000, make_corpus=demo_length.corpus)
+    out = str(tmp_path / "run")
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        os.path.join(REPO, "train.py"), "--recipe", "cpu_length", "--model", model,
+                        "--questions", str(tmp_path / "task" / "train.jsonl"),
+                        "--eval-file", str(tmp_path / "task" / "heldout.jsonl"), "--eval-limit", "8", "--eval-n", "2",
+                        "--rollout-batch", "4", "--group-size", "4", "--train-batch", "16", "--iterations", "2",
+                        "--out-dir", out], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["iteration"] for r in recs] == [0, 1, 2] and all("len_incorrect" in r for r in recs[1:])
+    cfg = json.load(open(os.path.join(out, "step_000002", "train_config.json")))
+    assert cfg["max_new_tokens"] == 96 and cfg["lr"] == 1e-4  # the recipe's own settings
+    metrics = os.path.join(out, "metrics.jsonl")
+    t = subprocess.run([sys.executable, os.path.join(REPO, "plot.py"), metrics, metrics, "--labels", "a", "a",
+                        "--out", str(tmp_path / "x.png"), "--table"], capture_output=True, text=True, timeout=120)
+    assert t.returncode == 0 and os.path.isfile(tmp_path / "x.png") and t.stdout.count(metrics) == 2, t.stderr
