@@ -450,7 +450,7 @@ def main(argv=None):
     from transformers.utils import logging as transformers_logging
     # One line: the settings that differ from the paper's defaults (the whole Config goes with every checkpoint).
     changed = {f.name: getattr(cfg, f.name) for f in fields(Config) if getattr(cfg, f.name) != f.default}
-    print0("train.py: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), rank=rank)
+    print0("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), rank=rank)
     exit_with_parent()
     # A warning nobody running this can act on: FSDP2's note on the view that transformers' output is (nothing
     # here modifies it in place).
