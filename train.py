@@ -104,8 +104,7 @@ RECIPES = {
         eval_temperature=1.0, eval_max_new_tokens=64, out_dir="runs/cpu_demo", save_every=20, log_samples_every=10,
         grad_checkpointing=False, grader_workers=1, threads=1),
 }
-# The length-bias demo (data/demo_length.py; the README has the prediction and the result): wrong answers of two
-# lengths, a longer budget, a gentler learning rate, so the lengths have time to move.
+# The length-bias demo (data/demo_length.py, README): wrong answers of two lengths, time for lengths to move.
 RECIPES["cpu_length"] = dict(
     RECIPES["cpu_demo"], model="data/demo_length/model", questions="data/demo_length/train.jsonl",
     eval_file="data/demo_length/heldout.jsonl", max_new_tokens=96, eval_max_new_tokens=96, lr=1e-4, iterations=80,
@@ -133,13 +132,13 @@ def parse_config(argv=None) -> Config:
 
 
 def fail(msg: str):
-    """Stop on a config or data error with one line, printed once: by rank 0. The other ranks wait quietly
-    for torchrun to stop them when rank 0 exits (on a loaded machine rank 0 can reach this point seconds after
-    them; exiting first would get it killed before it prints), and give up after a minute."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    """A config or data error: one line, by rank 0. The other ranks wait for torchrun to stop them (rank 0 may
+    get here seconds after them); one still alive 20 s later failed alone, and says why."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0:
         sys.exit(f"train.py: {msg}")
-    time.sleep(60)
-    sys.exit(1)
+    time.sleep(20)  # still alive: rank 0 did not fail with us (e.g. a file missing on this node only)
+    sys.exit(f"train.py: rank {rank}: {msg}")
 
 
 def _parse_bool(s: str) -> bool:
@@ -164,6 +163,8 @@ def check_config(cfg: Config, world: int) -> str:
     if cfg.rollout_batch % world:
         return f"--rollout-batch {cfg.rollout_batch} prompts do not split into whole groups over {world} ranks"
     responses = cfg.rollout_batch * cfg.group_size
+    if cfg.train_batch < world:
+        return f"--train-batch {cfg.train_batch} is below the {world} ranks: some would have nothing to train"
     if responses % cfg.train_batch:  # equal minibatches; they are split over ranks by tokens, not by count
         return (f"--train-batch {cfg.train_batch} must divide the {responses} responses of an iteration "
                 f"(--rollout-batch x --group-size)")
@@ -189,8 +190,8 @@ def check_config(cfg: Config, world: int) -> str:
 
 # Run management and memory knobs: the trajectory does not depend on them, so a resumed run may change them.
 RESUME_MAY_CHANGE = {"iterations", "passes", "max_tokens_per_micro_batch", "grad_checkpointing", "threads",
-                     "grader_workers", "grader_timeout", "gpu_memory_utilization", "out_dir", "resume", "save_every", "keep",
-                     "log_samples_every", "wandb", "recipe", "eval_file", "eval_every", "eval_limit", "eval_n",
+                     "grader_workers", "grader_timeout", "gpu_memory_utilization", "out_dir", "resume", "save_every",
+                     "keep", "log_samples_every", "wandb", "recipe", "eval_file", "eval_every", "eval_limit", "eval_n",
                      "eval_temperature", "eval_max_new_tokens"}
 
 
@@ -266,14 +267,12 @@ def setup_distributed(threads: int):
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
 
 
-def exit_with_parent():
-    """torchrun starts its ranks in their own sessions, so killing torchrun's process group (a scheduler, a
-    closed terminal) does not reach them, and they would train on alone. A daemon thread watches the parent:
-    when it is gone, the rank kills its process group (itself and its grader workers) within a second. A
-    checkpoint being written stays a .tmp-step_N directory, which the next start removes."""
+def exit_with_parent(parent: int):
+    """torchrun starts its ranks in their own sessions: killing torchrun's process group (a scheduler, a closed
+    terminal) does not reach them. A daemon thread watches the parent and, once it is gone, kills this rank's
+    process group (itself and its grader workers). A checkpoint being written stays .tmp-step_N (removed later)."""
     import signal
     import threading
-    parent = os.getppid()
 
     def watch():
         while os.getppid() == parent:
@@ -438,6 +437,7 @@ def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, worl
 
 
 def main(argv=None):
+    parent = os.getppid()  # torchrun, read before anything slow (it may die while we start up)
     cfg = parse_config(argv)
     rank, world, device = setup_distributed(cfg.threads)
     import checkpoint
@@ -451,7 +451,8 @@ def main(argv=None):
     # One line: the settings that differ from the paper's defaults (the whole Config goes with every checkpoint).
     changed = {f.name: getattr(cfg, f.name) for f in fields(Config) if getattr(cfg, f.name) != f.default}
     print0("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), rank=rank)
-    exit_with_parent()
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # only torchrun's ranks: a nohup'd single process outlives its shell
+        exit_with_parent(parent)
     # A warning nobody running this can act on: FSDP2's note on the view that transformers' output is (nothing
     # here modifies it in place).
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
@@ -615,7 +616,7 @@ def main(argv=None):
                         old.update(per_response(row, logp))
                     # where the sampler gave no usable log-prob, TIS must weigh by 1: use the trainer's value there
                     sampler = [torch.where(seqs[i]["ok"], seqs[i]["sampler"], old[i]) for i in row["idx"]]
-                    ref_logp = at_responses(row, [ref_old[i] for i in row["idx"]]).to(device) if ref_old else None
+                    ref_logp = None if ref is None else at_responses(row, [ref_old[i] for i in row["idx"]]).to(device)
                     loss, m = loss_fn(logp, at_responses(row, [old[i] for i in row["idx"]]).to(device),
                                       row["adv"].to(device), seq, lm, N,
                                       sampler_logp=at_responses(row, sampler).to(device), ref_logp=ref_logp, **loss_kw)

@@ -55,6 +55,8 @@ def test_config_errors_name_the_flag(monkeypatch):
     assert "--log-samples-every" in config_error(["--log-samples-every", "0"], monkeypatch=monkeypatch)
     assert "--rollout-batch must be >= 1" in config_error(["--rollout-batch", "0"], monkeypatch=monkeypatch)
     assert "--train-batch must be >= 1" in config_error(["--train-batch", "0"], monkeypatch=monkeypatch)
+    assert "below the 4 ranks" in config_error(["--train-batch", "2", "--rollout-batch", "4"], world=4,
+                                               monkeypatch=monkeypatch)
     assert "--grader-workers" in config_error(["--grader-workers", "0"], monkeypatch=monkeypatch)
     assert "--eval-temperature" in config_error(["--eval-temperature", "-1"], monkeypatch=monkeypatch)
 
