@@ -352,6 +352,8 @@ def pack_worker(args):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import loss as L
+    import model as M
+    import packing
     import train
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
@@ -361,7 +363,7 @@ def pack_worker(args):
                       tie_word_embeddings=True)
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(cfg)
-    L.register_packed_attention()
+    M.register_packed_attention()
     n_params = sum(p.numel() for p in model.parameters())
     for m in [*model.model.layers, model]:
         fully_shard(m)
@@ -391,13 +393,13 @@ def pack_worker(args):
             yield ids, None, resp, torch.arange(len(idx))[:, None].expand(ids.shape), old, \
                 torch.tensor([seqs[i]["adv"] for i in idx])
 
-    plan = train.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, args.max_tokens)
+    plan = packing.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, args.max_tokens)
 
     def rows_packed():
         for step in plan:
-            row = train.packed_row(seqs, step[rank], pad_id=0)
+            row = packing.packed_row(seqs, step[rank], pad_id=0)
             yield row["ids"], row["pos"], row["resp"], row["seq"], \
-                train.at_responses(row, [seqs[i]["old"] for i in row["idx"]]), row["adv"]
+                packing.at_responses(row, [seqs[i]["old"] for i in row["idx"]]), row["adv"]
 
     def step(variant):
         # packed: train.py's attention for packed rows on CPU (one causal sdpa call per sequence); padded: sdpa's

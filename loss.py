@@ -48,26 +48,6 @@ def _chunk_logprobs(h, weight, bias, targets, temperature: float):
     return logp, entropy
 
 
-def packed_attention(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
-    """Causal attention over a packed row (1, H, T, D), one sdpa call per sequence (position_ids restart at 0
-    at each), so no (T, T) mask is built and no work crosses sequences: the counterpart of flash-attention's
-    varlen kernel where flash-attention is missing (CPU, or a GPU without it). transformers' own sdpa path
-    would apply a dense block mask, whose cost grows with the square of the whole row. Registered with
-    transformers as "packed_sdpa" by register_packed_attention(); the trainer feeds it packed rows only."""
-    if attention_mask is not None or position_ids is None or query.shape[0] != 1:
-        raise ValueError("packed_sdpa takes one packed row: position_ids and no attention mask")
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist() + [query.shape[2]]
-    out = [F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True,
-                                          scale=scaling, enable_gqa=key.shape[1] != query.shape[1])
-           for a, b in zip(starts, starts[1:])]                                   # (1, H, L_i, D) each
-    return torch.cat(out, dim=2).transpose(1, 2), None                           # (1, T, H, D)
-
-
-def register_packed_attention():
-    from transformers import AttentionInterface
-    AttentionInterface.register("packed_sdpa", packed_attention)
-
-
 def token_logprobs(model, input_ids, attention_mask, targets_mask, temperature: float, chunk: int = 1024,
                    position_ids=None):
     """logp[:, t] = log p(input_ids[:, t] | input_ids[:, :t]) at the sampler's temperature, and the entropy of

@@ -6,7 +6,7 @@
 
 Every rank holds an FSDP2 shard of the policy and a whole colocated inference engine (vLLM), which samples for
 that rank's share of the prompts, sleeps during the update, and wakes up with the new weights. The loop below
-is the whole algorithm; loss.py holds the two objectives side by side.
+is the whole algorithm; loss.py holds the objectives side by side, packing.py how responses become rows.
 """
 import argparse
 import dataclasses
@@ -295,41 +295,6 @@ def print0(*args, rank: int = 0):
         print(*args, flush=True)
 
 
-def build_policy(cfg: Config, device):
-    """The HF model, sharded with FSDP2: each decoder layer, then the root. bf16 compute on GPU, fp32 on CPU."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
-
-    from loss import register_packed_attention
-    cuda = device.type == "cuda"
-    # The update feeds packed rows: flash-attention's varlen kernel where installed (GPU), else one causal sdpa
-    # call per sequence (loss.packed_attention); never transformers' sdpa path, whose block mask is dense.
-    attn = "packed_sdpa"
-    if cuda:
-        try:
-            import flash_attn  # noqa: F401
-            attn = "flash_attention_2"
-        except ImportError:
-            pass
-    register_packed_attention()
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=torch.float32, attn_implementation=attn).to(device)
-    if cfg.grad_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
-    kw = {"mp_policy": mp} if mp else {}
-    for layer in model.model.layers:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
-    # loss.py divides by the GLOBAL number of responses, so gradients are summed over ranks, not averaged.
-    # The setting is per fully_shard module; a plain SUM also suits gloo, which has no PREMUL_SUM.
-    for m in [*model.model.layers, model]:
-        m.set_gradient_divide_factor(1.0)
-        m.set_force_sum_reduction_for_comms(True)
-    return model
-
-
 def make_scheduler(opt, cfg: Config, total_steps: int):
     def factor(step):
         warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
@@ -367,63 +332,6 @@ def share_rollouts(prompt_ids: list, completions: list, adv, keep, world: int) -
     return [s for part in gather_all(mine, world) for s in part]
 
 
-def balance(lengths: dict, world: int, max_tokens: int) -> list:
-    """Split one optimizer minibatch {sequence: tokens} over ranks and micro-steps: plan[step][rank] is the list
-    of sequences one rank packs into one row at that step. Ranks get equal tokens, not equal counts (longest
-    first, each to the least-loaded rank), then each rank's share is packed first-fit-decreasing into rows of
-    at most max_tokens (a longer sequence gets a row of its own). Rows are ordered longest first, so ranks
-    work on similar rows at each step; a rank with fewer rows runs empty ones, as FSDP2's collectives need
-    every rank in every step. Deterministic: same plan on every rank and after resume."""
-    order = sorted(lengths, key=lambda i: (-lengths[i], i))
-    load, shares = [0] * world, [[] for _ in range(world)]
-    for i in order:
-        r = min(range(world), key=lambda r: (load[r], r))
-        load[r] += lengths[i]
-        shares[r].append(i)
-    rows = []
-    for share in shares:
-        mine = []  # [tokens, sequences] per row
-        for i in share:
-            fit = next((row for row in mine if row[0] + lengths[i] <= max_tokens), None)
-            if fit is None:
-                mine.append([lengths[i], [i]])
-            else:
-                fit[0] += lengths[i]
-                fit[1].append(i)
-        rows.append([seqs for _, seqs in sorted(mine, key=lambda row: -row[0])])
-    steps = max(map(len, rows))
-    return [[r[k] if k < len(r) else [] for r in rows] for k in range(steps)]
-
-
-def packed_row(seqs: list, idx: list, pad_id: int) -> dict:
-    """One padding-free row: the sequences idx back to back, position_ids restarting at 0 at each (attention
-    stays inside a sequence), their per-response values, and `resp` to scatter response-token values in order.
-    An empty idx gives a one-token row with nothing to learn (the empty micro-step of a less loaded rank)."""
-    if not idx:
-        zero = torch.zeros(1, 1, dtype=torch.long)                               # (1, 1)
-        return {"ids": zero + pad_id, "pos": zero, "seq": zero, "resp": zero.bool(), "loss": zero.bool(),
-                "adv": torch.zeros(1), "idx": [], "sizes": []}
-    ids = torch.cat([seqs[i]["ids"] for i in idx])[None]                         # (1, T)
-    pos = torch.cat([torch.arange(len(seqs[i]["ids"])) for i in idx])[None]     # (1, T)
-    seq = torch.cat([torch.full((len(seqs[i]["ids"]),), k) for k, i in enumerate(idx)])[None]  # (1, T)
-    resp = pos >= torch.tensor([seqs[i]["prompt"] for i in idx])[seq]            # (1, T)
-    keep = torch.tensor([seqs[i]["keep"] for i in idx])                          # (S,)
-    return {"ids": ids, "pos": pos, "seq": seq, "resp": resp, "loss": resp & keep[seq],
-            "adv": torch.tensor([seqs[i]["adv"] for i in idx]), "idx": idx,       # adv: (S,)
-            "sizes": [len(seqs[i]["ids"]) - seqs[i]["prompt"] for i in idx]}
-
-
-def per_response(row: dict, logp) -> dict:
-    """A row's (1, T) log-probs as {sequence: (R,) values of its response tokens}."""
-    return dict(zip(row["idx"], torch.split(logp.detach()[row["resp"].to(logp.device)].float().cpu(), row["sizes"])))
-
-
-def at_responses(row: dict, values: list):
-    """Per-response vectors (one value per response token) laid out on the row: (1, T), zero elsewhere."""
-    out = torch.zeros(row["resp"].shape)                                         # (1, T)
-    return out.masked_scatter_(row["resp"], torch.cat(values)) if values else out
-
-
 def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, world: int, device):
     """Mean template reward on the held-out set, each rank scoring its share (eval.py's protocol)."""
     from eval import evaluate
@@ -443,6 +351,8 @@ def main(argv=None):
     import checkpoint
     import loss as L
     from grader import GraderPool
+    from model import build_policy
+    from packing import at_responses, balance, packed_row, per_response
     from plot import plot_run
     from rollout import fsdp_full_tensors, logprob_mismatch, make_engine
     from templates import get_template
@@ -490,10 +400,10 @@ def main(argv=None):
     steps_per_iter = cfg.ppo_epochs * cfg.rollout_batch * cfg.group_size // cfg.train_batch
     # Grader workers first: forking after vLLM has started its OpenMP threads can hang.
     pool = GraderPool(workers=cfg.grader_workers, timeout=cfg.grader_timeout)
-    model = build_policy(cfg, device)
+    model = build_policy(cfg.model, device, cfg.seed, cfg.grad_checkpointing)
     ref = None
     if cfg.beta > 0:  # the reference model exists only when the KL term is on
-        ref = build_policy(dataclasses.replace(cfg, grad_checkpointing=False), device).eval().requires_grad_(False)
+        ref = build_policy(cfg.model, device, cfg.seed, grad_checkpointing=False).eval().requires_grad_(False)
     # vLLM seeds the global RNGs when it starts: start it before a checkpoint restores them.
     engine = make_engine(cfg.engine, cfg.model, seed=cfg.seed, dtype="bfloat16" if device.type == "cuda" else "float32",
                          max_model_len=cfg.max_prompt_tokens + max(cfg.max_new_tokens, cfg.eval_max_new_tokens),

@@ -17,9 +17,10 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import loss as L  # noqa: E402
-import train  # noqa: E402
+import model as M  # noqa: E402
+import packing  # noqa: E402
 
-L.register_packed_attention()
+M.register_packed_attention()
 
 VOCAB = 256
 G = 4             # samples per prompt
@@ -121,13 +122,13 @@ def packed_grads(model, seqs: list, algo: str, budget: int, rank: int, world: in
     """train.py's path: token-balanced plan, one packed row per micro-step, gradients accumulated."""
     set_advantages(seqs, algo)
     model.zero_grad(set_to_none=True)
-    plan = train.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, budget)
+    plan = packing.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, budget)
     for step in plan:
-        row = train.packed_row(seqs, step[rank], pad_id=0)
+        row = packing.packed_row(seqs, step[rank], pad_id=0)
         logp, _ = L.token_logprobs(model, row["ids"], None, row["resp"], TEMPERATURE, chunk=5,
                                    position_ids=row["pos"])
-        at = {k: train.at_responses(row, [seqs[i][k] for i in row["idx"]]) for k in ("old", "ref")}
-        sampler = train.at_responses(row, [torch.where(seqs[i]["ok"], seqs[i]["sampler"], seqs[i]["old"])
+        at = {k: packing.at_responses(row, [seqs[i][k] for i in row["idx"]]) for k in ("old", "ref")}
+        sampler = packing.at_responses(row, [torch.where(seqs[i]["ok"], seqs[i]["sampler"], seqs[i]["old"])
                                            for i in row["idx"]])
         loss, _ = loss_of(algo, logp, at["old"], row["adv"], row["seq"], row["loss"], at["ref"], sampler)
         loss.backward()
@@ -149,7 +150,7 @@ def main():
         seqs = make_minibatch(model)
         refs = {algo: padded_grads(model, seqs, algo) for algo in ("grpo", "drgrpo")}
         model.set_attn_implementation("packed_sdpa")  # train.py's attention on CPU: one sdpa call per sequence
-        plan = train.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, 14)
+        plan = packing.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, 14)
         assert world == 1 or [] in plan[-1], "budget 14 no longer gives a rank an empty micro-step"
         for layer in model.model.layers:
             fully_shard(layer)

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import loss as L
-import train
+import model as M
+import packing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import dist_loss_check as D  # noqa: E402  (the torchrun script; its helpers serve the world-size-1 case)
@@ -208,9 +209,9 @@ def test_packed_row_equals_sequences_alone():
     want = torch.cat([row[m] for row, m in zip(logp.detach(), b["mask"])])
     logp.sum().backward()
     want_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
-    row = train.packed_row(seqs, list(range(D.N)), pad_id=0)
+    row = packing.packed_row(seqs, list(range(D.N)), pad_id=0)
     assert row["ids"].shape == (1, sum(len(s["ids"]) for s in seqs))  # no padding at all
-    L.register_packed_attention()
+    M.register_packed_attention()
     for attn, pos, ok in (("sdpa", row["pos"], True), ("packed_sdpa", row["pos"], True), ("sdpa", None, False)):
         model.set_attn_implementation(attn)
         model.zero_grad()
@@ -226,8 +227,8 @@ def test_balance_splits_by_tokens():
     """Ranks get nearly equal tokens (not equal counts), rows stay within the budget unless one sequence is
     longer, every rank runs the same number of micro-steps, and the plan is a pure function of its input."""
     lengths = {i: n for i, n in enumerate([900, 40, 35, 30, 300, 20, 25, 610, 15, 45, 70, 1500])}
-    plan = train.balance(lengths, world=2, max_tokens=1000)
-    assert plan == train.balance(dict(reversed(lengths.items())), world=2, max_tokens=1000)
+    plan = packing.balance(lengths, world=2, max_tokens=1000)
+    assert plan == packing.balance(dict(reversed(lengths.items())), world=2, max_tokens=1000)
     assert all(len(step) == 2 for step in plan)
     placed = sorted(i for step in plan for row in step for i in row)
     assert placed == sorted(lengths)  # each sequence exactly once
@@ -237,7 +238,7 @@ def test_balance_splits_by_tokens():
         for row in step:
             assert sum(lengths[i] for i in row) <= 1000 or len(row) == 1
     # one rank, a budget of one token: every sequence alone, longest first
-    alone = train.balance(lengths, world=1, max_tokens=1)
+    alone = packing.balance(lengths, world=1, max_tokens=1)
     assert [step[0] for step in alone] == [[i] for i in sorted(lengths, key=lambda i: (-lengths[i], i))]
 
 
