@@ -1,8 +1,10 @@
-"""Per-token log-probs, advantages, and the GRPO / Dr. GRPO objectives side by side.
+"""Per-token log-probs, advantages, and the GRPO / Dr. GRPO / DAPO objectives side by side.
 
 The paper's point fits in two lines: GRPO divides each advantage by its group's reward std (question-difficulty
-bias) and each response's loss by its own length |o_i| (length bias); Dr. GRPO removes both. The GRPO section
-and the Dr. GRPO section below are a deliberate near-duplicate: diff them and those two lines are what differ.
+bias) and each response's loss by its own length |o_i| (length bias); Dr. GRPO removes both. DAPO keeps the std
+and replaces |o_i| by the number of response tokens in the whole minibatch: every token weighs the same, but
+that weight still shrinks as the batch's responses grow. The three sections below are a deliberate
+near-duplicate: diff any two and those lines are what differ.
 
 Layout. The trainer packs several responses back to back into one padding-free row (train.py), so the loss
 functions see tokens, not responses: logp, old_logp, mask and `seq` share one shape (a packed (1, T) row, or
@@ -12,7 +14,7 @@ response, adv[seq] being the token's. A response never straddles two micro-batch
 
 Batch units. One optimizer step consumes a minibatch of N responses (global, across ranks), split into
 micro-batches only to fit memory. Each loss function returns  sum_{i in micro-batch} L_i / N,  N = n_responses
-computed once by the caller, so summing .backward() over micro-batches AND ranks yields the minibatch gradient
+(DAPO: n_tokens, the loss tokens of the whole minibatch) computed once by the caller before any backward, so summing .backward() over micro-batches AND ranks yields the minibatch gradient
 (1/N) sum_i grad L_i. FSDP2 averages gradients over ranks by default, which would divide by the world size a
 second time, so on EVERY module wrapped with fully_shard (the setting is per module, not inherited) call
 `m.set_gradient_divide_factor(1.0)` and `m.set_force_sum_reduction_for_comms(True)` (a plain SUM reduce-scatter;
@@ -22,7 +24,9 @@ Metrics are summable: every value is a sum over the micro-batch's unmasked token
 "tokens"); add them over micro-batches and ranks, then mean_metrics() divides by the count.
 Options off by default, as in the paper's recipe: beta > 0 adds a k3 KL to a reference policy (with beta = 0 no
 reference log-probs are needed, so none are passed); tis_cap = C weights each token by min(p_old / p_sampler, C)
-(truncated importance sampling against the sampler's processed log-probs). The overlong filter (zero the mask
+(truncated importance sampling against the sampler's processed log-probs); ratio_level="sequence" gives every
+token its response's ratio exp(mean_t log pi/pi_old), so the clip acts on whole responses: with GRPO's per-
+response mean that is GSPO's objective (Zheng et al., 2025; its clip range is ~3e-4, not 0.2). The overlong filter (zero the mask
 of truncated responses; they still count in N, as in Oat) and several PPO epochs live in train.py.
 """
 import torch
@@ -35,9 +39,12 @@ STD_EPS = 1e-6  # GRPO: A = (R - mean) / (std + STD_EPS); keeps all-equal groups
 # ---- per-token log-probs without the (B, T, V) log-softmax ----------------------------------------------------
 def _chunk_logprobs(h, weight, bias, targets, temperature: float):
     """log p(target) and entropy of softmax(h W^T / temperature) for a chunk of positions."""
-    # fp32 even for bf16 models; divided by the temperature exactly as the sampler did (in place: one buffer,
-    # and the matmul's backward does not need its output).
-    logits = F.linear(h, weight, bias).float().div_(temperature)                 # (C, V)
+    # fp32 logits even for bf16 models: inputs upcast BEFORE the matmul, so the logits are never rounded to bf16
+    # (at |logit| ~ 20 that rounding alone moves a log-prob by ~0.04, a fifth of the PPO clip range). On GPU
+    # train.py allows TF32 for fp32 matmuls: bf16 values are exact in TF32, so this runs on tensor cores at
+    # half bf16 speed with fp32 accumulation and output. Divided by the temperature exactly as the sampler did
+    # (in place: one buffer, and the matmul's backward does not need its output).
+    logits = F.linear(h.float(), weight, bias).div_(temperature)                 # (C, V)
     logprobs = logits.log_softmax(-1)                                            # (C, V)
     del logits  # nothing saves it: at most two (C, V) buffers live here
     logp = logprobs.gather(1, targets[:, None]).squeeze(1)                       # (C,)
@@ -74,7 +81,11 @@ def token_logprobs(model, input_ids, attention_mask, targets_mask, temperature: 
     targets = input_ids[b, t + 1]                                                # (M,)
     # At least one (maybe empty) chunk keeps the graph connected when nothing is masked in, so every rank
     # still runs the same backward (FSDP2's collectives must match across ranks).
-    pieces = [checkpoint(_chunk_logprobs, h[i:i + chunk], head.weight, head.bias, targets[i:i + chunk],
+    # One fp32 copy of the head for all chunks (a no-op when it is fp32 already): autograd then sums the chunks'
+    # head gradients in fp32 and casts to bf16 once, instead of adding dozens of bf16-rounded pieces.
+    weight = head.weight.float()                                                 # (V, H)
+    bias = None if head.bias is None else head.bias.float()
+    pieces = [checkpoint(_chunk_logprobs, h[i:i + chunk], weight, bias, targets[i:i + chunk],
                          temperature, use_reentrant=False) for i in range(0, max(len(targets), 1), chunk)]
     logp = torch.cat([p[0] for p in pieces])                                     # (M,)
     entropy = torch.cat([p[1] for p in pieces])                                  # (M,)
@@ -90,11 +101,17 @@ def advantage_stats(rewards, adv) -> dict:
             "adv_max": adv.max().item(), "zero_adv_group_frac": zero.mean().item()}
 
 
-def policy_term(logp, old_logp, a, m, eps_low, eps_high, beta, ref_logp, sampler_logp, tis_cap):
+def policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp, tis_cap,
+                ratio_level):
     """Per-token loss (B, T): PPO clipped surrogate (clip-higher: separate eps), optional TIS weight and k3 KL.
-    `a` is each token's advantage (its response's). Returns the loss with the token-sum metrics."""
+    Each token's advantage is its response's, adv[seq]. Returns the loss with the token-sum metrics."""
+    a = adv[seq]                                                                 # (B, T)
     keep = m > 0  # where(), not a product: whatever padding holds (inf, nan) cannot reach the loss or gradient
     log_ratio = torch.where(keep, logp - old_logp, 0.0)                          # (B, T)
+    if ratio_level == "sequence":  # GSPO: one ratio per response, exp of its tokens' MEAN log-ratio, on each token
+        count = torch.zeros_like(adv, dtype=m.dtype).index_add(0, seq.flatten(), m.flatten())  # (S,)
+        total = torch.zeros_like(adv, dtype=m.dtype).index_add(0, seq.flatten(), log_ratio.flatten())  # (S,)
+        log_ratio = torch.where(keep, (total / count.clamp(min=1))[seq], 0.0)   # (B, T)
     ratio = log_ratio.exp()                                                      # (B, T)
     clipped = ratio.clamp(1 - eps_low, 1 + eps_high)                             # (B, T)
     per_tok = torch.maximum(-a * ratio, -a * clipped)                            # (B, T)
@@ -132,12 +149,12 @@ def grpo_advantages(rewards, group_size: int):
 
 
 def grpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, eps_low=0.2, eps_high=0.2, beta=0.0,
-              ref_logp=None, sampler_logp=None, tis_cap=None):
+              ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token"):
     """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
     Returns (sum_i L_i / n_responses, metrics)."""
     m = mask.to(logp.dtype)                                                      # (B, T)
-    per_tok, metrics = policy_term(logp, old_logp, adv[seq], m, eps_low, eps_high, beta, ref_logp, sampler_logp,
-                                   tis_cap)                                      # (B, T)
+    per_tok, metrics = policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
+                                   tis_cap, ratio_level)                         # (B, T)
     # Bias 2 (length): token MEAN over the response's own length |o_i|.
     o_len = torch.zeros_like(adv, dtype=m.dtype).index_add_(0, seq.flatten(), m.flatten())  # (S,) |o_i|
     per_resp = (per_tok * m / o_len[seq].clamp(min=1)).sum()                     # sum_i L_i
@@ -154,12 +171,33 @@ def drgrpo_advantages(rewards, group_size: int):
 
 
 def drgrpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, max_new_tokens: int, eps_low=0.2, eps_high=0.2,
-                beta=0.0, ref_logp=None, sampler_logp=None, tis_cap=None):
+                beta=0.0, ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token"):
     """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
     Returns (sum_i L_i / n_responses, metrics)."""
     m = mask.to(logp.dtype)                                                      # (B, T)
-    per_tok, metrics = policy_term(logp, old_logp, adv[seq], m, eps_low, eps_high, beta, ref_logp, sampler_logp,
-                                   tis_cap)                                      # (B, T)
+    per_tok, metrics = policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
+                                   tis_cap, ratio_level)                         # (B, T)
     # No bias 2: token SUM over a CONSTANT, the generation budget, the same for every response.
     per_resp = (per_tok * m / max_new_tokens).sum()                              # sum_i L_i
     return per_resp / n_responses, metrics
+
+
+# ---- DAPO (Yu et al., 2025) ------------------------------------------------------------------------------------
+def dapo_advantages(rewards, group_size: int):
+    """rewards (B,) group-major (G consecutive samples per prompt) -> advantages (B,), stats."""
+    r = rewards.float().view(-1, group_size)                                     # (B/G, G)
+    # Bias 1 kept: DAPO scales by the group's std, as GRPO does.
+    adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + STD_EPS)     # (B/G, G)
+    return adv.view(-1), advantage_stats(r, adv)
+
+
+def dapo_loss(logp, old_logp, adv, seq, mask, n_tokens: int, eps_low=0.2, eps_high=0.2, beta=0.0,
+              ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token"):
+    """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
+    Returns (sum_t l_t / n_tokens, metrics)."""
+    m = mask.to(logp.dtype)                                                      # (B, T)
+    per_tok, metrics = policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
+                                   tis_cap, ratio_level)                         # (B, T)
+    # Token level: a token SUM over the minibatch over its number of loss tokens (global, counted by the caller).
+    per_resp = (per_tok * m).sum()                                               # sum_i sum_t l_t
+    return per_resp / n_tokens, metrics

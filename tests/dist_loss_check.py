@@ -86,16 +86,19 @@ def make_minibatch(model, seed: int = 0) -> list:
 
 
 def set_advantages(seqs: list, algo: str):
-    adv_fn = L.grpo_advantages if algo == "grpo" else L.drgrpo_advantages
+    adv_fn = getattr(L, f"{algo}_advantages")
     adv, _ = adv_fn(torch.tensor([s["reward"] for s in seqs]), G)                 # (N,) on the whole minibatch
     for s, a in zip(seqs, adv.tolist()):
         s["adv"] = a
 
 
-def loss_of(algo: str, logp, old, adv, seq, mask, ref, sampler):
+def loss_of(algo: str, seqs: list, logp, old, adv, seq, mask, ref, sampler):
     """Each objective with a different option switched on, so every code path is covered."""
     if algo == "grpo":  # clip-higher and the k3 KL
         return L.grpo_loss(logp, old, adv, seq, mask, N, eps_high=0.28, beta=0.05, ref_logp=ref)
+    if algo == "dapo":  # GSPO's sequence-level ratio; n_tokens: the minibatch's loss tokens, counted once
+        n_tokens = sum(len(s["ids"]) - s["prompt"] for s in seqs if s["keep"])
+        return L.dapo_loss(logp, old, adv, seq, mask, n_tokens, eps_high=0.28, ratio_level="sequence")
     return L.drgrpo_loss(logp, old, adv, seq, mask, N, MAX_NEW, tis_cap=1.5, sampler_logp=sampler)
 
 
@@ -112,7 +115,7 @@ def padded_grads(model, seqs: list, algo: str) -> dict:
     logp, _ = L.token_logprobs(model, b["ids"], b["attn"], b["mask"], TEMPERATURE, chunk=5)
     seq = torch.arange(N)[:, None].expand_as(b["ids"])                           # (N, T)
     sampler = torch.where(padded(seqs, "ok").bool(), padded(seqs, "sampler"), padded(seqs, "old"))
-    loss, _ = loss_of(algo, logp, padded(seqs, "old"), torch.tensor([s["adv"] for s in seqs]), seq, b["loss"],
+    loss, _ = loss_of(algo, seqs, logp, padded(seqs, "old"), torch.tensor([s["adv"] for s in seqs]), seq, b["loss"],
                       padded(seqs, "ref"), sampler)
     loss.backward()
     return full_grads(model)
@@ -130,7 +133,7 @@ def packed_grads(model, seqs: list, algo: str, budget: int, rank: int, world: in
         at = {k: packing.at_responses(row, [seqs[i][k] for i in row["idx"]]) for k in ("old", "ref")}
         sampler = packing.at_responses(row, [torch.where(seqs[i]["ok"], seqs[i]["sampler"], seqs[i]["old"])
                                            for i in row["idx"]])
-        loss, _ = loss_of(algo, logp, at["old"], row["adv"], row["seq"], row["loss"], at["ref"], sampler)
+        loss, _ = loss_of(algo, seqs, logp, at["old"], row["adv"], row["seq"], row["loss"], at["ref"], sampler)
         loss.backward()
     return full_grads(model)
 
@@ -148,7 +151,7 @@ def main():
     for tied in (False, True):
         model = tiny_model(tied)
         seqs = make_minibatch(model)
-        refs = {algo: padded_grads(model, seqs, algo) for algo in ("grpo", "drgrpo")}
+        refs = {algo: padded_grads(model, seqs, algo) for algo in ("grpo", "drgrpo", "dapo")}
         model.set_attn_implementation("packed_sdpa")  # train.py's attention on CPU: one sdpa call per sequence
         plan = packing.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, 14)
         assert world == 1 or [] in plan[-1], "budget 14 no longer gives a rank an empty micro-step"

@@ -49,19 +49,20 @@ def test_advantages_hand_values():
     assert st["zero_adv_group_frac"] == pytest.approx(1 / 3) and st["adv_mean"] == pytest.approx(0.0, abs=1e-7)
 
 
-@pytest.mark.parametrize("opts, grpo_want, drgrpo_want", [
-    # per-token max(-A r, -A clip(r, 0.8, 1.2)): row 0 -> -1.1, -0.7, -1.2; row 1 -> 1.3, 0.8
-    ({}, ((-3.0 / 3) + (2.1 / 2)) / 4, (-3.0 + 2.1) / 4 / 4),
+@pytest.mark.parametrize("opts, grpo_want, drgrpo_want, dapo_want", [
+    # per-token max(-A r, -A clip(r, 0.8, 1.2)): row 0 -> -1.1, -0.7, -1.2; row 1 -> 1.3, 0.8. N = 4 responses
+    # (GRPO, Dr. GRPO with budget 4); DAPO divides the token sum by the 5 loss tokens.
+    ({}, ((-3.0 / 3) + (2.1 / 2)) / 4, (-3.0 + 2.1) / 4 / 4, (-3.0 + 2.1) / 5),
     # clip-higher eps_high = 0.28: ratio 1.5 (A > 0) clips at 1.28 instead
-    ({"eps_high": 0.28}, ((-3.08 / 3) + (2.1 / 2)) / 4, (-3.08 + 2.1) / 4 / 4),
+    ({"eps_high": 0.28}, ((-3.08 / 3) + (2.1 / 2)) / 4, (-3.08 + 2.1) / 4 / 4, (-3.08 + 2.1) / 5),
     # k3 KL with ref = logp + ln 2 on every token: 2 - ln 2 - 1 per token, weight 0.1
     ({"beta": 0.1, "kl": True}, ((-3.0 / 3) + (2.1 / 2) + 2 * 0.1 * ONE_MINUS_LN2) / 4,
-     (-3.0 + 2.1 + 5 * 0.1 * ONE_MINUS_LN2) / 4 / 4),
+     (-3.0 + 2.1 + 5 * 0.1 * ONE_MINUS_LN2) / 4 / 4, (-3.0 + 2.1 + 5 * 0.1 * ONE_MINUS_LN2) / 5),
     # TIS: p_old / p_sampler = 3 on token (0, 0), 0.5 elsewhere; cap 2.5 -> weights 2.5 and 0.5
     ({"tis_cap": 2.5, "tis": True}, ((-2.75 - 0.35 - 0.6) / 3 + (0.65 + 0.4) / 2) / 4,
-     (-2.75 - 0.35 - 0.6 + 0.65 + 0.4) / 4 / 4),
+     (-2.75 - 0.35 - 0.6 + 0.65 + 0.4) / 4 / 4, (-2.75 - 0.35 - 0.6 + 0.65 + 0.4) / 5),
 ])
-def test_losses_hand_values(opts, grpo_want, drgrpo_want):
+def test_losses_hand_values(opts, grpo_want, drgrpo_want, dapo_want):
     logp, old, adv, mask = hand_batch()
     kw = {k: v for k, v in opts.items() if k in ("eps_high", "beta", "tis_cap")}
     if opts.get("kl"):
@@ -74,6 +75,7 @@ def test_losses_hand_values(opts, grpo_want, drgrpo_want):
     loss_d, m_d = L.drgrpo_loss(logp, old, adv, seq, mask, 4, 4, **kw)
     assert loss_g.item() == pytest.approx(grpo_want, rel=1e-9)
     assert loss_d.item() == pytest.approx(drgrpo_want, rel=1e-9)
+    assert L.dapo_loss(logp, old, adv, seq, mask, 5, **kw)[0].item() == pytest.approx(dapo_want, rel=1e-9)
     means = L.mean_metrics(m)
     assert means["tokens"] == 5 and means["clip_frac_high"] == pytest.approx(1 / 5)
     assert means["clip_frac_low"] == pytest.approx(1 / 5)  # ratio 0.5 with A < 0; 0.7 with A > 0 is not clipped
@@ -90,6 +92,20 @@ def test_losses_hand_values(opts, grpo_want, drgrpo_want):
     assert sum(p[0].item() for p in parts) == pytest.approx(loss_g.item(), rel=1e-12)
     for k in m:
         assert sum(float(p[1][k]) for p in parts) == pytest.approx(float(m[k]), rel=1e-12)
+
+
+def test_sequence_ratio_is_gspo():
+    """ratio_level="sequence": each response's ratio is the geometric mean of its tokens' (row 0: (1.1 * 0.7 *
+    1.5)^(1/3), row 1: (1.3 * 0.5)^(1/2)); with GRPO's per-response mean that is GSPO's objective, and the
+    gradient on each token is A_i s_i / (|o_i| N) (no clip is active here)."""
+    logp, old, adv, mask = hand_batch()
+    s0, s1 = (1.1 * 0.7 * 1.5) ** (1 / 3), (1.3 * 0.5) ** 0.5                    # 1.049, 0.806
+    loss, m = L.grpo_loss(logp, old, adv, rows_seq(mask.shape), mask, 4, ratio_level="sequence")
+    assert loss.item() == pytest.approx((-s0 + s1) / 4, rel=1e-9)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-s0 / 12] * 3, [s1 / 8, s1 / 8, 0]], dtype=torch.float64))
+    assert L.mean_metrics(m)["clip_frac_low"] == 0 and L.mean_metrics(m)["ratio_mean"] == pytest.approx(
+        (3 * s0 + 2 * s1) / 5)
 
 
 def response_batch(lengths, T=8, seed=0):
@@ -127,7 +143,8 @@ def test_ratio_one_is_reinforce():
 
 
 def test_per_token_gradient_vs_response_length():
-    """Dr. GRPO: every token's gradient is -A / (max_new_tokens N) whatever the length; GRPO: -A / (|o| N)."""
+    """Dr. GRPO: every token's gradient is -A / (max_new_tokens N) whatever the length; GRPO: -A / (|o| N);
+    DAPO: -A / (loss tokens in the minibatch)."""
     logp, mask = response_batch([2, 6])
     adv = torch.tensor([1.0, 1.0], dtype=torch.float64)
     L.drgrpo_loss(logp, logp.detach(), adv, rows_seq(mask.shape), mask, 2, 8)[0].backward()
@@ -136,12 +153,20 @@ def test_per_token_gradient_vs_response_length():
     L.grpo_loss(logp, logp.detach(), adv, rows_seq(mask.shape), mask, 2)[0].backward()
     assert torch.allclose(logp.grad[0, :2], torch.tensor(-1 / (2 * 2), dtype=torch.float64))
     assert torch.allclose(logp.grad[1, :6], torch.tensor(-1 / (6 * 2), dtype=torch.float64))
+    # DAPO: every token -A / (tokens in the minibatch) = -1/8 whatever its response's length; but a token's
+    # weight falls when OTHER responses in the batch grow (here the 2-token response's, as the other grows to 8)
+    logp.grad = None
+    L.dapo_loss(logp, logp.detach(), adv, rows_seq(mask.shape), mask, int(mask.sum()))[0].backward()
+    torch.testing.assert_close(logp.grad[mask], torch.full((8,), -1 / 8, dtype=torch.float64))
+    logp, mask = response_batch([2, 8])
+    L.dapo_loss(logp, logp.detach(), adv, rows_seq(mask.shape), mask, int(mask.sum()))[0].backward()
+    torch.testing.assert_close(logp.grad[0, :2], torch.full((2,), -1 / 10, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("algo", ["grpo", "drgrpo"])
+@pytest.mark.parametrize("algo", ["grpo", "drgrpo", "dapo"])
 def test_equal_reward_groups_give_zero_gradient(algo):
     rewards = torch.tensor([1.0, 1, 1, 1, 0, 1, 0, 0, 0, 0, 0, 0])  # groups 1 and 3 all equal
-    adv_fn, loss_fn = (L.grpo_advantages, L.grpo_loss) if algo == "grpo" else (L.drgrpo_advantages, L.drgrpo_loss)
+    adv_fn, loss_fn = getattr(L, f"{algo}_advantages"), getattr(L, f"{algo}_loss")
     adv, st = adv_fn(rewards, 4)
     logp, mask = response_batch([3, 5, 8, 1] * 3)
     old = logp.detach() + 0.3 * torch.randn(12, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -152,7 +177,7 @@ def test_equal_reward_groups_give_zero_gradient(algo):
     assert logp.grad[4:8].abs().max() > 0
 
 
-@pytest.mark.parametrize("algo", ["grpo", "drgrpo"])
+@pytest.mark.parametrize("algo", ["grpo", "drgrpo", "dapo"])
 def test_masked_tokens_get_zero_gradient(algo):
     logp, mask = response_batch([3, 8, 5, 0])
     mask[1, 2] = False
@@ -162,7 +187,7 @@ def test_masked_tokens_get_zero_gradient(algo):
     for x, bad in zip((kw["ref_logp"], kw["sampler_logp"], noise[0]), (float("inf"), float("nan"), -float("inf"))):
         x[~mask] = bad  # padding may hold anything (e.g. a sampler's -inf); it must not leak in
     adv = torch.tensor([1.0, -0.5, 2.0, 1.0], dtype=torch.float64)
-    fn = L.grpo_loss if algo == "grpo" else lambda *a, **k: L.drgrpo_loss(*a[:6], 8, **k)
+    fn = {"grpo": L.grpo_loss, "dapo": L.dapo_loss, "drgrpo": lambda *a, **k: L.drgrpo_loss(*a[:6], 8, **k)}[algo]
     loss, metrics = fn(logp, logp.detach() + noise[0], adv, rows_seq(mask.shape), mask, 4, **kw)
     loss.backward()
     assert torch.isfinite(loss) and all(math.isfinite(float(v)) for v in metrics.values())
@@ -249,7 +274,7 @@ def test_minibatch_gradient_world_1(attn):
     varlen kernel takes on GPU, from the same position_ids)."""
     model = D.tiny_model(tied=False)
     seqs = D.make_minibatch(model)
-    for algo in ("grpo", "drgrpo"):
+    for algo in ("grpo", "drgrpo", "dapo"):
         model.set_attn_implementation("sdpa")
         ref = D.padded_grads(model, seqs, algo)
         assert max(g.abs().max() for g in ref.values()) > 0
@@ -266,4 +291,43 @@ def test_minibatch_gradient_world_2_fsdp2():
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         script], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count("OK world=2") == 2 * 2 * len(D.BUDGETS) and "ALL OK" in p.stdout
+    assert p.stdout.count("OK world=2") == 2 * 3 * len(D.BUDGETS) and "ALL OK" in p.stdout
+
+
+def test_bf16_head_numerics():
+    """In bf16 (the GPU trainer's compute dtype) the sampled tokens' log-probs come from fp32 logits, and the
+    head's gradient is summed over chunks in fp32. Compared with exact fp32 arithmetic on the same bf16 hidden
+    states: the log-prob error (what the PPO ratio sees) stays at fp32 rounding, where rounding the logits to
+    bf16 first would move it by ~0.2, and the head gradient over 98 chunks is within one bf16 rounding (2^-9)."""
+    import copy
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)  # logits of a trained model's size: |logit| up to ~30
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (2, 200))                             # (B, T)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    mask[:, :10] = False                                                         # a prompt of 10 tokens
+    logp, _ = L.token_logprobs(model, ids, None, mask, 0.7, chunk=4)            # (B, T), 98 chunks
+    logp.sum().backward()
+    # exact reference: the same bf16 hidden states and head weight, every operation in fp32
+    with torch.no_grad():
+        h = model(input_ids=ids, output_hidden_states=True).hidden_states[-1]    # (B, T, H) bf16
+    w = model.lm_head.weight.detach().float().requires_grad_()                   # (V, H)
+    ref = (h.float() @ w.T / 0.7).log_softmax(-1)[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+    m = mask[:, 1:]
+    ref[m].sum().backward()
+    err = (logp[:, 1:] - ref).abs()[m].max().item()
+    bf16_logits = (h @ model.lm_head.weight.T).float().div(0.7).log_softmax(-1)[:, :-1].gather(
+        -1, ids[:, 1:, None]).squeeze(-1)                                        # the logits rounded to bf16 first
+    rounded = (bf16_logits - ref).abs()[m].max().item()
+    assert logp.dtype == torch.float32
+    assert err < 1e-4 and rounded > 0.1, (err, rounded)  # rounded: 0.19
+    g = model.lm_head.weight.grad.float()
+    rel = ((g - w.grad).norm() / w.grad.norm()).item()
+    assert rel < 2 ** -9, rel  # summing bf16 chunk gradients instead: 0.0043
