@@ -43,7 +43,8 @@ def save_hf(full_state: dict, hf_config, tokenizer, path: str, dtype: torch.dtyp
 
 
 def save(out_dir: str, step: int, model, optimizer, scheduler, tokenizer, generation_config, config: dict,
-         counters: dict, keep: int, rank: int, hf_dtype: torch.dtype):
+         counters: dict, keep: int, rank: int, hf_dtype: torch.dtype, ref=None):
+    """ref: a reference model that moves during the run (--ref-sync-every), saved sharded beside the policy."""
     tmp = os.path.join(out_dir, f".tmp-step_{step:06d}")
     final = os.path.join(out_dir, f"step_{step:06d}")
     if rank == 0:
@@ -52,6 +53,8 @@ def save(out_dir: str, step: int, model, optimizer, scheduler, tokenizer, genera
     dist.barrier()
     # 1. Sharded trainer state: each rank writes its own shards, no full copy anywhere.
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if ref is not None:
+        state["ref"] = get_model_state_dict(ref)
     dcp.save(state, checkpoint_id=os.path.join(tmp, "trainer"))
     torch.save({"torch_rng": torch.get_rng_state(), "python_rng": random.getstate(),
                 "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -88,11 +91,16 @@ def fsync(path: str):
         os.close(fd)
 
 
-def load(path: str, model, optimizer, scheduler, rank: int) -> dict:
-    """Restore parameters, AdamW state, scheduler and RNG states in place; return the saved counters."""
+def load(path: str, model, optimizer, scheduler, rank: int, ref=None) -> dict:
+    """Restore parameters, AdamW state, scheduler and RNG states in place (and ref's, if it was saved with
+    one); return the saved counters."""
     # get_optimizer_state_dict initialises AdamW's lazy state, so DCP has tensors to load into.
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if ref is not None:
+        state["ref"] = get_model_state_dict(ref)
     dcp.load(state, checkpoint_id=os.path.join(path, "trainer"))
+    if ref is not None:
+        set_model_state_dict(ref, state["ref"])
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     extra = torch.load(os.path.join(path, "trainer", f"rank{rank}.pt"), weights_only=False)

@@ -1,4 +1,5 @@
-"""metrics.jsonl -> PNG: reward and accuracy, and the lengths of correct vs incorrect responses, over iterations.
+"""metrics.jsonl -> PNG: reward, accuracy and pass@k, lengths of correct vs incorrect responses, self-reflection
+keyword rates (and dynamic sampling's dropped groups), over iterations.
 
     python plot.py runs/cpu_demo/metrics.jsonl                          # -> runs/cpu_demo/metrics.png
     (train.py writes that one itself at the end of a run)
@@ -28,6 +29,8 @@ def read(path: str):
 def band(ax, runs: list, key: str, color, label: str, style: str = "-"):
     """Mean over runs (seeds) at each iteration they share, with their min-max as a band."""
     its = sorted(set.intersection(*[{r["iteration"] for r in run if key in r} for run in runs]))
+    if not its:  # a metric these runs did not log (e.g. pass@k with --eval-n 1)
+        return
     vals = np.array([[next(r[key] for r in run if r["iteration"] == i) for i in its] for run in runs])  # (runs, its)
     ax.plot(its, vals.mean(0), style, color=color, label=label + (f" (mean of {len(runs)})" if len(runs) > 1 else ""))
     if len(runs) > 1:
@@ -36,7 +39,7 @@ def band(ax, runs: list, key: str, color, label: str, style: str = "-"):
 
 def plot(paths: list, labels: list, out: str) -> str:
     """One figure of the runs' curves, written to out (PNG); runs with the same label are drawn as one band."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     groups = {label: [read(p) for p, lab in zip(paths, labels) if lab == label] for label in dict.fromkeys(labels)}
     for (label, runs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         band(axes[0], [t for t, _ in runs], "reward", color, f"{label} train reward")
@@ -44,11 +47,19 @@ def plot(paths: list, labels: list, out: str) -> str:
         band(axes[1], [t for t, _ in runs], "len_mean", color, label)
         band(axes[2], [t for t, _ in runs], "len_correct", color, f"{label} correct")
         band(axes[2], [t for t, _ in runs], "len_incorrect", color, f"{label} incorrect", "--")
+        k = max((int(key[10:]) for _, e in runs for r in e for key in r if key.startswith("eval_pass@")), default=0)
+        if k > 1:
+            band(axes[0], [e for _, e in runs], f"eval_pass@{k}", color, f"{label} held-out pass@{k}", "s:")
+        band(axes[3], [t for t, _ in runs], "reflection_correct", color, f"{label} correct")
+        band(axes[3], [t for t, _ in runs], "reflection_incorrect", color, f"{label} incorrect", "--")
+        band(axes[3], [t for t, _ in runs], "dropped_group_frac", color, f"{label} groups dropped", ":")
     for ax, title in zip(axes, ["reward / accuracy", "mean response length (tokens)",
-                                "response length: correct vs incorrect"]):
+                                "response length: correct vs incorrect",
+                                "self-reflection keyword rate (eval.py)"]):
         ax.set_title(title)
         ax.set_xlabel("policy iteration")
-        ax.legend(fontsize=8)
+        if ax.lines:
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)

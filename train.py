@@ -30,7 +30,7 @@ import torch.distributed as dist  # noqa: E402
 @dataclass
 class Config:
     # what to train
-    algo: str = "drgrpo"                  # "drgrpo" (unbiased) or "grpo"
+    algo: str = "drgrpo"                  # "drgrpo" (unbiased), "grpo", or "dapo" (token-level; loss.py)
     model: str = "Qwen/Qwen2.5-Math-7B"   # HF hub name or local HF directory of the base model
     template: str = "qwen_math"           # prompt template (templates.py): qwen_math | r1 | no
     questions: str = "math_l3to5"         # question set: math12k | math_l3to5 | gsm8k | path/to/file.jsonl
@@ -59,6 +59,12 @@ class Config:
     overlong_filter: bool = False         # mask truncated responses out of the loss (DAPO)
     overlong_penalty: int = 0             # DAPO soft overlong penalty over the last N tokens of the budget; 0 = off
     tis_cap: float = 0.0                  # truncated importance sampling vs the sampler's log-probs, cap C; 0 = off
+    ratio_level: str = "token"            # "sequence": one ratio per response (GSPO; with --eps-low 3e-4 --eps-high 4e-4)
+    format_reward: float = 0.0            # + W for a response in the template's format (Open-R1: 0.2); paper: 0
+    dynamic_sampling: bool = False        # DAPO: drop groups whose rewards are all equal and sample more prompts
+    max_sampling_rounds: int = 3          # dynamic sampling: at most this many extra rounds per iteration
+    ref_sync_every: int = 0               # beta > 0: move the reference toward the policy every K optimizer steps
+    ref_mixup_alpha: float = 1.0          # ... reference <- A * policy + (1 - A) * reference (1 = copy)
     # optimizer
     lr: float = 1e-6                      # AdamW learning rate
     lr_schedule: str = "constant"         # constant | cosine (to 10% at the last iteration)
@@ -88,6 +94,9 @@ class Config:
     grader_workers: int = 4               # grader processes per rank
     grader_timeout: float = 1.0           # seconds per response before its grader worker is killed
     threads: int = 0                      # torch threads per rank; 0 = cores / local ranks
+    sleep_level: int = 2                  # vLLM during the update: 2 drops its weights (the sync rewrites them), 1
+                                          # keeps a copy in pinned host RAM (~15 GB per rank for 7B)
+    dist_timeout_min: int = 60            # collective timeout: a 7B checkpoint (~100 GB) on a network disk takes minutes
     recipe: str = "paper_7b"              # defaults to start from: paper_7b | paper_1.5b | cpu_demo
 
 
@@ -150,14 +159,16 @@ def _parse_bool(s: str) -> bool:
 def check_config(cfg: Config, world: int) -> str:
     """The first inconsistency, naming the flag; '' if none. Runs before any work starts."""
     from templates import TEMPLATES
-    if cfg.algo not in ("grpo", "drgrpo"):
-        return f"--algo must be grpo or drgrpo, got {cfg.algo!r}"
+    if cfg.algo not in ("grpo", "drgrpo", "dapo"):
+        return f"--algo must be grpo, drgrpo or dapo, got {cfg.algo!r}"
+    if cfg.ratio_level not in ("token", "sequence"):
+        return f"--ratio-level must be token or sequence, got {cfg.ratio_level!r}"
     if cfg.template not in TEMPLATES or not TEMPLATES[cfg.template].train:
         return f"--template {cfg.template!r} is not a training template (qwen_math, r1, no)"
     # grader_workers >= 1: workers=0 grades in-process with no time limit, and model output must not hang a rank
     for name in ("rollout_batch", "train_batch", "iterations", "passes", "max_tokens_per_micro_batch",
                  "max_new_tokens", "max_prompt_tokens", "ppo_epochs", "eval_every", "eval_n", "eval_max_new_tokens",
-                 "save_every", "keep", "log_samples_every", "grader_workers"):
+                 "save_every", "keep", "log_samples_every", "grader_workers", "dist_timeout_min"):
         if getattr(cfg, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1"
     if cfg.rollout_batch % world:
@@ -177,8 +188,16 @@ def check_config(cfg: Config, world: int) -> str:
         return "--top-p must be in (0, 1]"
     if not (0 <= cfg.eps_low < 1 and cfg.eps_high >= 0):
         return "--eps-low must be in [0, 1) and --eps-high >= 0"
-    if min(cfg.warmup_steps, cfg.eval_limit, cfg.beta, cfg.tis_cap, cfg.eval_temperature) < 0:
-        return "--warmup-steps, --eval-limit, --beta, --tis-cap and --eval-temperature must be >= 0"
+    if min(cfg.warmup_steps, cfg.eval_limit, cfg.beta, cfg.tis_cap, cfg.eval_temperature, cfg.format_reward,
+           cfg.max_sampling_rounds, cfg.ref_sync_every) < 0:
+        return ("--warmup-steps, --eval-limit, --beta, --tis-cap, --eval-temperature, --format-reward, "
+                "--max-sampling-rounds and --ref-sync-every must be >= 0")
+    if cfg.beta == 0 and (cfg.ref_sync_every or cfg.ref_mixup_alpha != 1.0):
+        return "--ref-sync-every and --ref-mixup-alpha need --beta > 0 (with beta 0 there is no reference model)"
+    if not 0 < cfg.ref_mixup_alpha <= 1:
+        return "--ref-mixup-alpha must be in (0, 1]"
+    if cfg.sleep_level not in (1, 2):
+        return f"--sleep-level must be 1 or 2, got {cfg.sleep_level}"
     if cfg.lr_schedule not in ("constant", "cosine"):
         return f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}"
     if cfg.engine not in ("auto", "vllm", "hf"):
@@ -190,6 +209,7 @@ def check_config(cfg: Config, world: int) -> str:
 
 # Run management and memory knobs: the trajectory does not depend on them, so a resumed run may change them.
 RESUME_MAY_CHANGE = {"iterations", "passes", "max_tokens_per_micro_batch", "grad_checkpointing", "threads",
+                     "sleep_level", "dist_timeout_min",
                      "grader_workers", "grader_timeout", "gpu_memory_utilization", "out_dir", "resume", "save_every",
                      "keep", "log_samples_every", "wandb", "recipe", "eval_file", "eval_every", "eval_limit", "eval_n",
                      "eval_temperature", "eval_max_new_tokens"}
@@ -241,6 +261,12 @@ def iteration_prompts(n_rows: int, iteration: int, rollout_batch: int, seed: int
     return out
 
 
+def extra_prompts(n_rows: int, iteration: int, round_: int, k: int, seed: int) -> list:
+    """Dynamic sampling's further prompts: k indices from a permutation keyed by (seed, iteration, round)."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + iteration) * 1_009 + round_)
+    return torch.randperm(n_rows, generator=g).repeat(math.ceil(k / n_rows))[:k].tolist()
+
+
 def request_seed(seed: int, iteration: int, position: int) -> int:
     """Each request carries its own sampling seed, so a resumed run samples exactly what it would have. Keyed by
     the prompt's position in the iteration, not its index: a prompt that appears twice in one iteration (at the
@@ -252,19 +278,36 @@ def request_seed(seed: int, iteration: int, position: int) -> int:
 # Distributed helpers: one process group, the same code with one CPU process or 8 GPUs.
 
 
-def setup_distributed(threads: int):
+def setup_distributed(threads: int, timeout_min: int):
     if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same code path
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ["LOCAL_RANK"])
+    gpus = 0 if cuda or os.environ.get("CUDA_VISIBLE_DEVICES") == "" else visible_gpus()
+    if gpus:  # a CUDA machine whose torch cannot use it: an error, never a silent CPU run
+        fail(f"nvidia-smi sees {gpus} GPU(s) but torch {torch.__version__} sees none: install the CUDA "
+             "build (./setup.sh), or set CUDA_VISIBLE_DEVICES= to run on the CPU on purpose")
     if cuda:
         torch.cuda.set_device(local_rank)
+        # The only fp32 matmul on GPU is the output head on bf16 values (loss.py), which TF32 represents exactly.
+        torch.set_float32_matmul_precision("high")
     else:  # 2 ranks on 2 cores: one torch thread each, or they fight over the cores
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
-    dist.init_process_group("nccl" if cuda else "gloo")
+    import datetime
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def visible_gpus() -> int:
+    """GPUs that nvidia-smi lists (0 without nvidia-smi or a driver)."""
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    return out.stdout.count("GPU ") if out.returncode == 0 else 0
 
 
 def exit_with_parent(parent: int):
@@ -304,10 +347,12 @@ def make_scheduler(opt, cfg: Config, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def shape_rewards(correct, truncated, lengths, max_new_tokens: int, overlong_penalty: int):
-    """Training reward from the grader's 0/1: a truncated response gets 0 (it never finished its answer), and
-    with DAPO's soft overlong penalty the reward falls linearly to -1 over the last `overlong_penalty` tokens."""
-    rewards = torch.where(truncated, torch.zeros_like(correct), correct)         # (B,)
+def shape_rewards(correct, formatted, truncated, lengths, max_new_tokens: int, overlong_penalty: int,
+                  format_reward: float):
+    """Training reward from the grader's 0/1, plus format_reward for the template's format: a truncated response
+    gets 0 (it never finished its answer), and with DAPO's soft overlong penalty the reward falls linearly to -1
+    over the last `overlong_penalty` tokens."""
+    rewards = torch.where(truncated, 0.0, correct + format_reward * formatted)  # (B,)
     if overlong_penalty:
         rewards = rewards - (lengths - (max_new_tokens - overlong_penalty)).clamp(min=0) / overlong_penalty
     return rewards
@@ -322,32 +367,68 @@ def gather_all(obj, world: int) -> list:
     return parts
 
 
-def share_rollouts(prompt_ids: list, completions: list, adv, keep, world: int) -> list:
+def share_rollouts(prompt_ids: list, completions: list, adv, keep, informative, round_, world: int) -> list:
     """Every rank's responses of this iteration, in rank order: the update splits minibatches over ranks by
     tokens, so any rank may train on any response. Per response: prompt + response ids, the prompt length, its
-    advantage, whether it is kept in the loss (the overlong filter), and the sampler's log-probs."""
+    advantage, whether it is kept in the loss (the overlong filter), the sampler's log-probs, and for dynamic
+    sampling whether its group's rewards differ and in which round it was sampled."""
     mine = [{"ids": torch.tensor(p + c.token_ids), "prompt": len(p), "adv": float(a), "keep": bool(k),
-             "sampler": torch.tensor(c.logprobs), "ok": torch.tensor(c.logprob_ok)}
-            for p, c, a, k in zip(prompt_ids, completions, adv.tolist(), keep.tolist())]
+             "sampler": torch.tensor(c.logprobs), "ok": torch.tensor(c.logprob_ok), "informative": bool(i),
+             "round": r} for p, c, a, k, i, r in zip(prompt_ids, completions, adv.tolist(), keep.tolist(),
+                                                     informative.tolist(), round_.tolist())]
     return [s for part in gather_all(mine, world) for s in part]
 
 
+def generate_and_grade(engine, pool, rows, seeds, cfg: Config, template, round_: int) -> dict:
+    """Steps 2-3 for one round of prompts: G responses per row (seeded per request), graded, group-major."""
+    from eval import is_reflective
+    groups = engine.generate([r["prompt"] for r in rows], n=cfg.group_size, temperature=cfg.temperature,
+                             top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=template.stop, seeds=seeds)
+    comps = [c for g in groups for c in g]                                       # B = len(rows) * G
+    t = time.time()
+    graded = pool.rewards([c.text for c in comps], [r["answer"] for r in rows for _ in range(cfg.group_size)],
+                          cfg.template)
+    correct = torch.tensor([r for r, _ in graded])                               # (B,)
+    formatted = torch.tensor([float(f) for _, f in graded])                      # (B,)
+    truncated = torch.tensor([c.truncated for c in comps], dtype=torch.bool)     # (B,)
+    lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)  # (B,)
+    rewards = shape_rewards(correct, formatted, truncated, lengths, cfg.max_new_tokens, cfg.overlong_penalty,
+                            cfg.format_reward)                                   # (B,)
+    r = rewards.view(-1, cfg.group_size)                                         # (B/G, G)
+    return {"rows": list(rows), "comps": comps, "correct": correct, "formatted": formatted, "truncated": truncated,
+            "lengths": lengths, "rewards": rewards,
+            "informative": (r.amax(1) > r.amin(1)).repeat_interleave(cfg.group_size),  # (B,) the group differs
+            "round": torch.full((len(comps),), round_), "t_grade": [time.time() - t],
+            "reflective": torch.tensor([is_reflective(c.text) for c in comps], dtype=torch.float)}  # (B,)
+
+
+def loss_normaliser(algo: str, seqs: list, idx: list) -> int:
+    """N of one optimizer minibatch (global): its responses, or for DAPO its response tokens in the loss (>= 1)."""
+    if algo == "dapo":
+        return max(1, sum(len(seqs[i]["ids"]) - seqs[i]["prompt"] for i in idx if seqs[i]["keep"]))
+    return len(idx)
+
+
 def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, world: int, device):
-    """Mean template reward on the held-out set, each rank scoring its share (eval.py's protocol)."""
-    from eval import evaluate
+    """Mean template reward on the held-out set, each rank scoring its share (eval.py's protocol), and with
+    --eval-n > 1 pass@k (unbiased estimator) for k = 1, 2, 4, ... up to eval_n."""
+    from eval import evaluate, pass_at_k, pass_ks
     _, records = evaluate(engine, pool, rows[rank::world], cfg.template, n=cfg.eval_n,
                           temperature=cfg.eval_temperature, top_p=1.0,
                           max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, tokenizer=tokenizer)
-    s = all_sum({k: sum(r[k] for r in records) for k in ("reward", "lenient", "length")} | {"n": len(records)},
-                device)
+    groups = [records[j:j + cfg.eval_n] for j in range(0, len(records), cfg.eval_n)]  # problem-major
+    ks = pass_ks(cfg.eval_n) if cfg.eval_n > 1 else []
+    passed = {f"pass@{k}": sum(pass_at_k(cfg.eval_n, sum(r["reward"] > 0 for r in g), k) for g in groups) for k in ks}
+    s = all_sum({k: sum(r[k] for r in records) for k in ("reward", "lenient", "length")} | {"n": len(records)}
+                | passed | {"problems": len(groups)}, device)
     return {"eval_accuracy": s["reward"] / s["n"], "eval_lenient": s["lenient"] / s["n"],
-            "eval_length": s["length"] / s["n"]}
+            "eval_length": s["length"] / s["n"], **{f"eval_{k}": s[k] / s["problems"] for k in passed}}
 
 
 def main(argv=None):
     parent = os.getppid()  # torchrun, read before anything slow (it may die while we start up)
     cfg = parse_config(argv)
-    rank, world, device = setup_distributed(cfg.threads)
+    rank, world, device = setup_distributed(cfg.threads, cfg.dist_timeout_min)
     import checkpoint
     import loss as L
     from grader import GraderPool
@@ -414,15 +495,16 @@ def main(argv=None):
     sched = make_scheduler(opt, cfg, iterations * steps_per_iter)
     start = 0
     if latest:
-        start = checkpoint.load(latest[0], model, opt, sched, rank)["iteration"]
+        start = checkpoint.load(latest[0], model, opt, sched, rank, ref if cfg.ref_sync_every else None)["iteration"]
         print0(f"resumed from {latest[0]} at iteration {start}", rank=rank)
     if start:  # the engine starts from the base weights; give it the resumed policy
         engine.update_weights(fsdp_full_tensors(model))
-    loss_fn = {"grpo": L.grpo_loss, "drgrpo": L.drgrpo_loss}[cfg.algo]
-    loss_kw = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, tis_cap=cfg.tis_cap or None)
+    loss_fn = {"grpo": L.grpo_loss, "drgrpo": L.drgrpo_loss, "dapo": L.dapo_loss}[cfg.algo]
+    loss_kw = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, tis_cap=cfg.tis_cap or None,
+                   ratio_level=cfg.ratio_level)
     if cfg.algo == "drgrpo":
         loss_kw["max_new_tokens"] = cfg.max_new_tokens
-    advantages = {"grpo": L.grpo_advantages, "drgrpo": L.drgrpo_advantages}[cfg.algo]
+    advantages = {"grpo": L.grpo_advantages, "drgrpo": L.drgrpo_advantages, "dapo": L.dapo_advantages}[cfg.algo]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # fills empty micro-steps only
     os.makedirs(cfg.out_dir, exist_ok=True)
     metrics_path, samples_path = (os.path.join(cfg.out_dir, f) for f in ("metrics.jsonl", "samples.jsonl"))
@@ -458,47 +540,61 @@ def main(argv=None):
         t0 = time.time()
         # 1. prompts: this iteration's global slice of the shared-seed order; this rank takes its share
         global_idx = iteration_prompts(len(questions), it, cfg.rollout_batch, cfg.seed)
-        mine = global_idx[rank::world]
-        rows = [questions[i] for i in mine]
+        rows = [questions[i] for i in global_idx[rank::world]]
         nan_before, timeouts_before = engine.nan_logprobs, pool.timeouts
-        # 2. generate G responses per prompt with the colocated engine, then put it to sleep. The reset makes
-        # the samples depend on weights and seeds only (not on what an evaluation left cached): exact resume.
+        # 2-3. G responses per prompt from the colocated engine, graded (0/1, + the format reward if on; a
+        # truncated response gets 0 in training). The reset makes the samples depend on weights and seeds only
+        # (not on what an evaluation left cached): exact resume.
         engine.reset_prefix_cache()
-        groups = engine.generate([r["prompt"] for r in rows], n=cfg.group_size, temperature=cfg.temperature,
-                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens, stop=template.stop,
-                                 seeds=[request_seed(cfg.seed, it, j) for j in range(rank, cfg.rollout_batch, world)])
+        seeds = [request_seed(cfg.seed, it, j) for j in range(rank, cfg.rollout_batch, world)]
+        batch = generate_and_grade(engine, pool, rows, seeds, cfg, template, round_=0)
+        # With --dynamic-sampling, groups whose rewards are all equal carry no signal: more rounds of prompts (a
+        # stream keyed by (iteration, round): a resumed run samples the same) until rollout_batch groups over
+        # all ranks carry one, or the round cap. Which groups train is decided after the gather, in step 4.
+        rounds = 0
+        while (cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds and
+               all_sum({"n": batch["informative"].sum()}, device)["n"] < cfg.rollout_batch * cfg.group_size):
+            rounds += 1
+            extra = extra_prompts(len(questions), it, rounds, cfg.rollout_batch, cfg.seed)
+            seeds = [request_seed(cfg.seed, it, rounds * cfg.rollout_batch + j)
+                     for j in range(rank, cfg.rollout_batch, world)]
+            more = generate_and_grade(engine, pool, [questions[i] for i in extra[rank::world]], seeds, cfg,
+                                      template, round_=rounds)
+            batch = {k: torch.cat([v, more[k]]) if torch.is_tensor(v) else v + more[k] for k, v in batch.items()}
         engine.sleep()
-        comps = [c for g in groups for c in g]                                   # group-major, B = len(rows) * G
-        golds = [r["answer"] for r in rows for _ in range(cfg.group_size)]
-        t1 = time.time()
-        # 3. grade: 0/1 reward; a truncated response gets 0 in training (evaluation grades it as it is)
-        graded = pool.rewards([c.text for c in comps], golds, cfg.template)
-        correct = torch.tensor([r for r, _ in graded])                           # (B,)
-        formatted = torch.tensor([float(f) for _, f in graded])                  # (B,)
-        truncated = torch.tensor([c.truncated for c in comps])                   # (B,)
-        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)  # (B,)
-        rewards = shape_rewards(correct, truncated, lengths, cfg.max_new_tokens, cfg.overlong_penalty)  # (B,)
-        t2 = time.time()
+        rows, comps, rewards, correct = batch["rows"], batch["comps"], batch["rewards"], batch["correct"]
+        t1 = t2 = time.time()  # grading runs inside each round; its time is logged with generation
         # 4. advantages per group (each rank holds whole groups); then every rank gets every response, because
         # the update splits by tokens, not by who generated what
         adv, adv_stats = advantages(rewards, cfg.group_size)                     # (B,)
         prompt_ids = [ids for r in rows for ids in [tokenizer(r["prompt"])["input_ids"]] * cfg.group_size]
-        keep = ~truncated if cfg.overlong_filter else torch.ones_like(truncated)  # (B,) in the loss at all
-        seqs = share_rollouts(prompt_ids, comps, adv, keep, world)
+        keep = ~batch["truncated"] if cfg.overlong_filter else torch.ones(len(comps), dtype=torch.bool)  # (B,)
+        seqs = share_rollouts(prompt_ids, comps, adv, keep, batch["informative"], batch["round"], world)
+        generated = len(seqs)
+        if cfg.dynamic_sampling:  # the same choice on every rank: earliest rounds first, whole groups
+            seqs = sorted((s for s in seqs if s["informative"]), key=lambda s: s["round"])
+            seqs = seqs[:cfg.rollout_batch * cfg.group_size]
         # 5. the update plan, the same on every rank: per PPO epoch a shuffled order of all responses, cut into
-        # optimizer minibatches of train_batch, each balanced over ranks and packed into rows by tokens
-        plans = []  # plans[epoch][minibatch][micro-step][rank] -> sequences of one packed row
+        # the iteration's optimizer minibatches (train_batch responses each; fewer when dynamic sampling comes
+        # up short: the same number of steps, each on an equal share of what there is), each balanced over
+        # ranks and packed into rows by tokens. Per minibatch, the loss normaliser: its number of responses
+        # (GRPO, Dr. GRPO), or of response tokens in the loss (DAPO), counted before any backward.
+        n_minibatches = cfg.rollout_batch * cfg.group_size // cfg.train_batch
+        plans = []  # plans[epoch][minibatch] = (normaliser, plan), plan[micro-step][rank] -> sequences of one row
         for epoch in range(cfg.ppo_epochs):
             g = torch.Generator().manual_seed(request_seed(cfg.seed, it, epoch))
             order = torch.randperm(len(seqs), generator=g).tolist()
-            plans.append([balance({i: len(seqs[i]["ids"]) for i in order[k:k + cfg.train_batch]}, world,
-                                  cfg.max_tokens_per_micro_batch) for k in range(0, len(order), cfg.train_batch)])
+            cuts = [order[len(order) * k // n_minibatches:len(order) * (k + 1) // n_minibatches]
+                    for k in range(n_minibatches)]
+            plans.append([(loss_normaliser(cfg.algo, seqs, cut),
+                           balance({i: len(seqs[i]["ids"]) for i in cut}, world, cfg.max_tokens_per_micro_batch))
+                          for cut in cuts])
         # 6. old log-probs by the trainer (not the sampler's), before any update of this batch, in the rows where
         # epoch 0 trains them. The first minibatch needs no separate pass: the policy has not moved yet, so its
         # update's own forward gives the same values (detached; the ratio is exactly 1).
         old, ref_old = {}, {}  # sequence -> (R,) log-probs of its response tokens, old policy and reference
         with torch.no_grad():
-            for k, plan in enumerate(plans[0]):
+            for k, (_, plan) in enumerate(plans[0]):
                 for row in (packed_row(seqs, step[rank], pad_id) for step in plan):
                     ids, pos, tm = (row[key].to(device) for key in ("ids", "pos", "resp"))
                     if k > 0:
@@ -507,18 +603,19 @@ def main(argv=None):
                     if ref is not None:
                         logp = L.token_logprobs(ref, ids, None, tm, cfg.temperature, position_ids=pos)[0]
                         ref_old.update(per_response(row, logp))
-        # 7. optimizer steps, one per minibatch of train_batch responses (global), one packed row per micro-step.
-        # N: the loss normaliser = responses in the GLOBAL optimizer minibatch, truncation-masked ones included
-        # (Oat). Every micro-step on every rank divides by it; gradients are summed over micro-steps and ranks
-        # (FSDP divide factor 1), so each optimizer step sees the mean over its N responses.
-        N = cfg.train_batch
+        if ref is not None:  # FSDP2 keeps the root's parameters gathered after a forward with no backward
+            ref.reshard()
+        # 7. optimizer steps, one per minibatch, one packed row per micro-step. N, the loss normaliser of the
+        # GLOBAL optimizer minibatch (truncation-masked responses count in GRPO's and Dr. GRPO's, as in Oat),
+        # divides every micro-step on every rank; gradients are summed over micro-steps and ranks (FSDP divide
+        # factor 1), so each optimizer step sees the mean over its N responses (DAPO: tokens).
         summed, grad_norms = {}, []
         model.train()
         for epoch, minibatches in enumerate(plans):
             if epoch == 1:  # later epochs reshuffle responses over ranks: every rank needs every old log-prob
                 old = {i: v for part in gather_all(old, world) for i, v in part.items()}
                 ref_old = {i: v for part in gather_all(ref_old, world) for i, v in part.items()}
-            for k, plan in enumerate(minibatches):
+            for k, (N, plan) in enumerate(minibatches):
                 for row in (packed_row(seqs, step[rank], pad_id) for step in plan):
                     ids, pos, seq, tm, lm = (row[key].to(device) for key in ("ids", "pos", "seq", "resp", "loss"))
                     logp, entropy = L.token_logprobs(model, ids, None, tm, cfg.temperature, position_ids=pos)
@@ -539,6 +636,10 @@ def main(argv=None):
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
+                if cfg.ref_sync_every and sched.last_epoch % cfg.ref_sync_every == 0:  # the same shards in both
+                    with torch.no_grad():  # (takes effect from the next iteration's reference log-probs)
+                        for r, p in zip(ref.parameters(), model.parameters()):
+                            r.lerp_(p, cfg.ref_mixup_alpha)  # r <- r + A (p - r)
         mismatch = logprob_mismatch([seqs[i]["sampler"] for i in old], [seqs[i]["ok"] for i in old], [*old.values()])
         t3 = time.time()
         # 7. wake the engine with the new weights, gathered from the FSDP shards one module at a time
@@ -546,30 +647,38 @@ def main(argv=None):
         t4 = time.time()
 
         # ---- logging: sums and counts over ranks, then one line on rank 0 --------------------------------
-        ok = correct.bool()
+        ok, lengths, refl = correct.bool(), batch["lengths"], batch["reflective"]
         finite = mismatch == mismatch  # nan when this rank had no usable sampler log-prob
         rows_tokens = [[sum(len(seqs[i]["ids"]) for i in row) for row in step]
-                       for minibatches in plans for plan in minibatches for step in plan]  # same on every rank
-        s = all_sum({"reward": rewards.sum(), "correct": correct.sum(), "formatted": formatted.sum(),
-                     "truncated": truncated.sum(), "len_ok": lengths[ok].sum(), "n_ok": ok.sum(),
-                     "len_bad": lengths[~ok].sum(), "n_bad": (~ok).sum(), "len": lengths.sum(),
+                       for minibatches in plans for _, plan in minibatches for step in plan] or [[1]]  # all ranks
+        s = all_sum({"reward": rewards.sum(), "correct": correct.sum(), "formatted": batch["formatted"].sum(),
+                     "truncated": batch["truncated"].sum(), "len_ok": lengths[ok].sum(), "n_ok": ok.sum(),
+                     "len_bad": lengths[~ok].sum(), "n_bad": (~ok).sum(), "len": lengths.sum(), "n": len(comps),
+                     "refl_ok": refl[ok].sum(), "refl_bad": refl[~ok].sum(), "t_grade": sum(batch["t_grade"]),
                      "zero_adv_frac": adv_stats["zero_adv_group_frac"], "mismatch": mismatch if finite else 0.0,
                      "mismatch_ranks": finite, "nan_logprobs": engine.nan_logprobs - nan_before,
                      "timeouts": pool.timeouts - timeouts_before, **summed}, device)
-        n = len(comps) * world
+        n = s["n"]
         lm = L.mean_metrics({k: s[k] for k in summed if not k.startswith("entropy")})
         rec = {"iteration": it + 1, "reward": s["reward"] / n, "accuracy": s["correct"] / n,
                "format_rate": s["formatted"] / n, "truncation_rate": s["truncated"] / n,
                "len_correct": s["len_ok"] / max(s["n_ok"], 1), "len_incorrect": s["len_bad"] / max(s["n_bad"], 1),
                "len_mean": s["len"] / n, "zero_adv_group_frac": s["zero_adv_frac"] / world,
+               # the paper's self-reflection keywords (eval.py), in correct and in incorrect responses
+               "reflection_correct": s["refl_ok"] / max(s["n_ok"], 1),
+               "reflection_incorrect": s["refl_bad"] / max(s["n_bad"], 1),
                "logprob_mismatch": s["mismatch"] / max(s["mismatch_ranks"], 1), "nan_logprobs": s["nan_logprobs"],
                "entropy": s["entropy"] / max(s["entropy_tokens"], 1), **{k: v for k, v in lm.items() if k != "tokens"},
                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0],
                "adv_std": adv_stats["adv_std"], "grader_timeouts": s["timeouts"],  # adv_std: rank 0's groups
                # real tokens / tokens the update paid for (each micro-step costs world x its busiest row)
                "update_token_efficiency": sum(map(sum, rows_tokens)) / (world * sum(map(max, rows_tokens))),
-               "t_generate": t1 - t0, "t_grade": t2 - t1, "t_train": t3 - t2, "t_sync": t4 - t3,
+               "t_generate": t1 - t0 - s["t_grade"] / world, "t_grade": s["t_grade"] / world, "t_train": t3 - t2,
+               "t_sync": t4 - t3,
                "tokens_per_s": s["len"] / (t4 - t0)}
+        if cfg.dynamic_sampling:  # groups sampled but not trained on (all-equal rewards, or beyond the batch)
+            rec.update(dropped_group_frac=1 - len(seqs) / generated, sampling_rounds=1 + rounds,
+                       trained_groups=len(seqs) // cfg.group_size)
         final = it + 1 == iterations
         if (it + 1) % cfg.eval_every == 0 or final:
             rec.update(evaluate_heldout(engine, pool, heldout, cfg, tokenizer, rank, world, device))
@@ -579,8 +688,12 @@ def main(argv=None):
                       f"len {rec['len_mean']:6.1f} (ok {rec['len_correct']:.0f} / bad {rec['len_incorrect']:.0f}) | "
                       f"trunc {rec['truncation_rate']:.2f} | clip {rec['clip_frac_low']:.3f}/{rec['clip_frac_high']:.3f} | "
                       f"ent {rec['entropy']:.3f} | gnorm {rec['grad_norm']:.3f} | mism {rec['logprob_mismatch']:.1e} | "
-                      f"t {t4 - t0:.1f}s (gen {t1 - t0:.1f} grade {t2 - t1:.1f} train {t3 - t2:.1f} sync {t4 - t3:.1f})"
-                      + (f" | eval {100 * rec['eval_accuracy']:.1f}%" if "eval_accuracy" in rec else ""))
+                      f"t {t4 - t0:.1f}s (gen {rec['t_generate']:.1f} grade {rec['t_grade']:.1f} train {t3 - t2:.1f} "
+                      f"sync {t4 - t3:.1f})"
+                      + (f" | drop {rec['dropped_group_frac']:.2f} x{rounds + 1}" if cfg.dynamic_sampling else "")
+                      + (f" | eval {100 * rec['eval_accuracy']:.1f}%" if "eval_accuracy" in rec else "")
+                      + (f" pass@{cfg.eval_n} {100 * rec[f'eval_pass@{cfg.eval_n}']:.1f}%"
+                         if f"eval_pass@{cfg.eval_n}" in rec else ""))
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if wb is not None:
@@ -594,7 +707,8 @@ def main(argv=None):
         if (it + 1) % cfg.save_every == 0 or final:
             checkpoint.save(cfg.out_dir, it + 1, model, opt, sched, tokenizer, generation_config,
                             dataclasses.asdict(cfg), {"iteration": it + 1}, cfg.keep, rank,
-                            torch.bfloat16 if device.type == "cuda" else torch.float32)
+                            torch.bfloat16 if device.type == "cuda" else torch.float32,
+                            ref if cfg.ref_sync_every else None)
         if final and rank == 0:
             with open(metrics_path) as f:
                 first = json.loads(f.readline())

@@ -59,6 +59,12 @@ def test_config_errors_name_the_flag(monkeypatch):
                                                monkeypatch=monkeypatch)
     assert "--grader-workers" in config_error(["--grader-workers", "0"], monkeypatch=monkeypatch)
     assert "--eval-temperature" in config_error(["--eval-temperature", "-1"], monkeypatch=monkeypatch)
+    assert "need --beta > 0" in config_error(["--ref-sync-every", "4"], monkeypatch=monkeypatch)
+    assert "need --beta > 0" in config_error(["--ref-mixup-alpha", "0.5"], monkeypatch=monkeypatch)
+    assert "--ref-mixup-alpha must be" in config_error(["--beta", "0.1", "--ref-mixup-alpha", "0"],
+                                                        monkeypatch=monkeypatch)
+    assert "--ratio-level" in config_error(["--ratio-level", "word"], monkeypatch=monkeypatch)
+    assert "--sleep-level" in config_error(["--sleep-level", "3"], monkeypatch=monkeypatch)
 
 
 def test_resume_refuses_a_changed_run(monkeypatch):
@@ -112,11 +118,27 @@ def test_sampler_shards_never_overlap_and_reshuffle_each_pass():
 
 def test_truncated_responses_get_zero_reward():
     correct = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    formatted = torch.tensor([1.0, 1.0, 1.0, 0.0])
     truncated = torch.tensor([False, True, True, False])
     lengths = torch.tensor([10.0, 100.0, 100.0, 95.0])
-    assert train.shape_rewards(correct, truncated, lengths, 100, 0).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert train.shape_rewards(correct, formatted, truncated, lengths, 100, 0, 0.0).tolist() == [1.0, 0.0, 0.0, 1.0]
     # DAPO soft penalty over the last 10 tokens: length 95 -> -0.5, a truncated one -> -1
-    assert train.shape_rewards(correct, truncated, lengths, 100, 10).tolist() == [1.0, -1.0, -1.0, 0.5]
+    assert train.shape_rewards(correct, formatted, truncated, lengths, 100, 10, 0.0).tolist() == [1.0, -1.0, -1.0, 0.5]
+    # the format reward adds to correctness; truncation still zeroes the whole reward
+    assert train.shape_rewards(correct, formatted, truncated, lengths, 100, 0, 0.2).tolist() == pytest.approx(
+        [1.2, 0.0, 0.0, 1.0])
+
+
+def test_dynamic_sampling_prompt_stream_and_dapo_normaliser():
+    """Further prompts are a pure function of (seed, iteration, round) and differ between rounds; DAPO's N counts
+    the response tokens of the responses in the loss, GRPO's the responses."""
+    a = train.extra_prompts(50, 3, 1, 16, seed=0)
+    assert a == train.extra_prompts(50, 3, 1, 16, seed=0) and len(a) == 16 and max(a) < 50
+    assert a != train.extra_prompts(50, 3, 2, 16, seed=0) and a != train.extra_prompts(50, 4, 1, 16, seed=0)
+    assert len(train.extra_prompts(5, 0, 1, 12, seed=0)) == 12  # fewer rows than asked: the stream repeats
+    seqs = [{"ids": torch.zeros(n), "prompt": 3, "keep": k} for n, k in ((10, True), (5, False), (7, True))]
+    assert train.loss_normaliser("dapo", seqs, [0, 1, 2]) == 7 + 4 and train.loss_normaliser("grpo", seqs, [0, 1]) == 2
+    assert train.loss_normaliser("dapo", seqs, [1]) == 1  # nothing in the loss: at least 1
 
 
 # ---- real runs: torchrun, 2 processes ----------------------------------------------------------------------
@@ -130,7 +152,10 @@ def run_args(model_dir, data_dir, out_dir, extra=()):
             "--eval-limit", "8", "--eval-n", "2", "--rollout-batch", "4", "--group-size", "4", "--train-batch", "8",
             "--max-tokens-per-micro-batch", "100", "--max-new-tokens", "24", "--eval-max-new-tokens", "16", "--iterations", str(ITERS),
             "--eval-every", "2", "--save-every", "1", "--keep", "2", "--log-samples-every", "2",
-            "--lr", "1e-3", "--ppo-epochs", "2", "--beta", "0.01", "--out-dir", out_dir, *extra]
+            "--lr", "1e-3", "--ppo-epochs", "2", "--beta", "0.01", "--out-dir", out_dir,
+            # DAPO's loss and dynamic sampling, and a reference that moves (so resume must restore it too)
+            "--algo", "dapo", "--dynamic-sampling", "true", "--max-sampling-rounds", "1", "--ref-sync-every", "2",
+            "--ref-mixup-alpha", "0.5", *extra]
 
 
 def env():
@@ -166,6 +191,12 @@ def test_end_to_end_two_processes(full_run):
         assert r["t_generate"] > 0 and r["tokens_per_s"] > 0
     assert any(r["grad_norm"] > 0 for r in recs[1:])  # some group had unequal rewards: a real update
     assert "eval_accuracy" in recs[2] and "eval_accuracy" in recs[4] and "eval_accuracy" not in recs[3]
+    assert 0 <= recs[2]["eval_pass@1"] <= recs[2]["eval_pass@2"] <= 1  # --eval-n 2
+    assert recs[0]["eval_pass@1"] == pytest.approx(recs[0]["eval_accuracy"])
+    for r in recs[1:]:  # dynamic sampling: at most one extra round, never more than rollout_batch groups trained
+        assert r["sampling_rounds"] in (1, 2) and 0 <= r["dropped_group_frac"] < 1 and r["trained_groups"] <= 4
+        assert 0 <= r["reflection_correct"] <= 1 and 0 <= r["reflection_incorrect"] <= 1
+    assert any(r["sampling_rounds"] == 2 for r in recs[1:])  # a round came up short, and sampled more
     assert "held-out accuracy: before" in log and os.path.isfile(os.path.join(out, "metrics.png"))
     # a quiet screen: our lines and the progress bar, not vLLM's per-call INFO/WARNING lines
     assert "reset prefix cache" not in log and " INFO " not in log and "sleep mode is not supported" not in log
@@ -263,7 +294,7 @@ def test_resume_after_sigkill_is_exact(full_run, demo_model_dir, demo_data, tmp_
                        for r in ref_recs]
     assert open(os.path.join(out, "samples.jsonl")).read() == open(os.path.join(ref_dir, "samples.jsonl")).read()
     a, b = final_state(os.path.join(ref_dir, f"step_{ITERS:06d}")), final_state(os.path.join(out, f"step_{ITERS:06d}"))
-    assert a.keys() == b.keys() and any("exp_avg" in k for k in a)
+    assert a.keys() == b.keys() and any("exp_avg" in k for k in a) and any(k.startswith(".ref.") for k in a)
     for k in a:
         if torch.is_tensor(a[k]):
             assert torch.equal(a[k], b[k]), k
