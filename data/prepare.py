@@ -11,6 +11,12 @@ Writes to --out (default data/math):
 `answer` is a string, or a list of acceptable strings (some Minerva rows). train.py and eval.py read only
 these files. A malformed row stops the script with one line naming the file and line.
 
+Any other question set, as one {problem, answer} file (default data/math/<name>.jsonl; train.py --questions <name>):
+    python data/prepare.py --file my.jsonl|my.parquet --problem-key question --answer-key final_answer
+    python data/prepare.py --hub ORG/NAME [--split train | --hub-file PATH] [--revision REV] ...   (not run here)
+Every row needs both keys, a string or a number each; golds the grader does not match against themselves are dropped
+and counted. Parquet needs pyarrow; --hub downloads with huggingface_hub (installed with transformers).
+
 Online sources (not run here: these machines have no hub access):
   MATH 12k and the evaluation suite: the Dr. GRPO authors' own files, github.com/sail-sg/understand-r1-zero
   at commit SOURCE_COMMIT (datasets/train/math_12k, datasets/evaluation_suite), read with datasets.load_from_disk.
@@ -19,10 +25,12 @@ Online sources (not run here: these machines have no hub access):
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
 
+MATH_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "math")
 SOURCE_REPO = "https://github.com/sail-sg/understand-r1-zero.git"
 SOURCE_COMMIT = "d0d051a7e8d50fff0dec4152c22b6662301eab15"
 GSM8K_HUB = ("openai/gsm8k", "main", "train")
@@ -38,6 +46,13 @@ class DataError(Exception):
     pass
 
 
+def number_text(x):
+    """A number read from JSON or parquet as the string a gold is written as (amc23 stores 142.0: "142")."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return x
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else str(x)
+
+
 def check_row(row, where: str, extra=()):
     """A usable row has a non-empty problem string and an answer that is a string or a list of strings.
     An empty answer string passes here; the caller drops such rows (MATH has two, whose solution box is empty)."""
@@ -48,9 +63,7 @@ def check_row(row, where: str, extra=()):
             raise DataError(f"{where}: missing field {key!r}")
     if not isinstance(row["problem"], str) or not row["problem"].strip():
         raise DataError(f"{where}: 'problem' must be a non-empty string")
-    ans = row["answer"]
-    if isinstance(ans, (int, float)) and not isinstance(ans, bool):
-        ans = row["answer"] = str(int(ans)) if float(ans).is_integer() else str(ans)   # amc23 stores 142.0
+    ans = row["answer"] = number_text(row["answer"])
     ok = isinstance(ans, str) or (
         isinstance(ans, list) and ans and all(isinstance(a, str) and a.strip() for a in ans))
     if not ok:
@@ -58,31 +71,39 @@ def check_row(row, where: str, extra=()):
     return row
 
 
-def read_jsonl(path: str, required=("problem", "answer")):
-    """Rows of a jsonl file, each a JSON object with the required fields (a question set's rows are also
-    type-checked); the first bad row raises DataError naming file:line."""
+def jsonl_lines(path: str, name: str = None):
+    """(line number, parsed JSON) per non-blank line; a line that is not UTF-8 or not JSON raises DataError naming
+    name:line (name: how messages call the file, its path unless it is a hub download in a cache)."""
+    name = name or path
     if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    rows = []
+        raise DataError(f"{name}: file not found")
     with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is reported with its number, like bad JSON
         for i, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
+                raise DataError(f"{name}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})") \
                     from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
-            if {"problem", "answer"} <= set(required):
-                row = check_row(row, f"{path}:{i}", [k for k in required if k not in ("problem", "answer")])
-                row["_where"] = f"{path}:{i}"
-            elif not isinstance(row, dict) or any(k not in row for k in required):
-                raise DataError(f"{path}:{i}: needs the fields {', '.join(required)}")
-            rows.append(row)
+                raise DataError(f"{name}:{i}: invalid JSON ({e.msg})") from None
+            yield i, row
+
+
+def read_jsonl(path: str, required=("problem", "answer")):
+    """Rows of a jsonl file, each a JSON object with the required fields (a question set's rows are also
+    type-checked); the first bad row raises DataError naming file:line."""
+    rows = []
+    for i, row in jsonl_lines(path):
+        if {"problem", "answer"} <= set(required):
+            row = check_row(row, f"{path}:{i}", [k for k in required if k not in ("problem", "answer")])
+            row["_where"] = f"{path}:{i}"
+        elif not isinstance(row, dict) or any(k not in row for k in required):
+            raise DataError(f"{path}:{i}: needs the fields {', '.join(required)}")
+        rows.append(row)
     return rows
 
 
@@ -99,7 +120,7 @@ def drop_empty_answers(name: str, rows):
 
 def write_jsonl(path: str, rows, keys):
     """Write to a temp file and rename, so an interrupted run never leaves a half-written set."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
@@ -134,12 +155,123 @@ def load_online():  # not run here (no network to the hub or GitHub on these mac
     return math12k, gsm8k, evals
 
 
+# ---- any other question set: --file or --hub -----------------------------------------------------------------
+def one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]  # library errors can span lines; ours are one line
+
+
+def source_rows(path: str, name: str):
+    """(where, row) for each row of a .jsonl or .parquet file; where is name:line, or name: row N for parquet."""
+    if not path.endswith(".parquet"):
+        yield from ((f"{name}:{i}", row) for i, row in jsonl_lines(path, name))
+        return
+    try:  # optional: most sets are jsonl, and pyarrow is a large wheel
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError("reading parquet needs pyarrow: pip install pyarrow") from None
+    try:
+        rows = pq.read_table(path).to_pylist()
+    except Exception as e:  # missing, damaged or not parquet: pyarrow raises OSError, ArrowInvalid, ...
+        raise DataError(f"{name}: cannot read it as parquet ({one_line(e)})") from None
+    yield from ((f"{name}: row {i}", row) for i, row in enumerate(rows, 1))
+
+
+def pick(row, where: str, problem_key: str, answer_key: str):
+    """{problem, answer} of a source row: both keys there, each a string or a number (made a string), the problem
+    not empty. An empty gold is no error here: drop_unmatched drops it, counted, as it drops MATH's two."""
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: row is not a JSON object")
+    out = {"_where": where}
+    for key, field in ((problem_key, "problem"), (answer_key, "answer")):
+        if key not in row:  # most often a wrong --*-key: say what the row has
+            raise DataError(f"{where}: no key {key!r} (--{field}-key); the row has {', '.join(map(repr, row))}")
+        out[field] = number_text(row[key])
+        if not isinstance(out[field], str):
+            raise DataError(f"{where}: {key!r} must be a string or a number, not {type(out[field]).__name__}")
+    if not out["problem"].strip():
+        raise DataError(f"{where}: {problem_key!r} is empty")
+    return out
+
+
+def drop_unmatched(name: str, rows):
+    """Keep the rows whose gold, boxed, the grader scores 1 against itself: any other gold can never be rewarded, and
+    unparseable golds are where the Open-R1 logbook found a reward bug (they silently scored 1). A GraderPool as in
+    training, so its time limit and its 0 for a grader error hold here too."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a script sees data/, not ..
+    from grader import GraderPool
+    with GraderPool(workers=2) as pool:
+        ok = pool.grades(["\\boxed{" + r["answer"] + "}" for r in rows], [r["answer"] for r in rows])
+    if not all(ok):
+        first = rows[ok.index(False)]
+        print(f"{name}: dropped {ok.count(False)} of {len(rows)} rows whose gold the grader cannot recognise as "
+              f"itself (first: {first['_where']} {first['answer'][:60]!r})")
+    return [r for r, good in zip(rows, ok) if good]
+
+
+def split_files(repo: str, split: str, names):
+    """A split's .jsonl/.parquet files, all shards in order, as hub repos lay them out: train.jsonl, data/train-00000-
+    of-00002.parquet, default/train/0000.parquet (--revision refs/convert/parquet: the hub's parquet copy). A split in
+    several folders (configs: openai/gsm8k has main/, socratic/) or formats is ambiguous: --hub-file picks then."""
+    data = [n for n in names if n.endswith((".jsonl", ".parquet"))]
+    found = sorted(n for n in data if re.match(re.escape(split) + r"([-._]|$)", os.path.basename(n))
+                   or os.path.basename(os.path.dirname(n)) == split)
+    if len({(os.path.dirname(n), os.path.splitext(n)[1]) for n in found}) != 1:
+        raise DataError(f"{repo}: {'several sets of' if found else 'no'} {split!r} files among "
+                        f"{', '.join((found or data)[:6]) or 'no .jsonl/.parquet files'}; pass --hub-file")
+    return found
+
+
+def hub_files(repo: str, split: str, files, revision):  # not run here (no network to the hub on these machines)
+    """[(local path, name for messages)] of the split's files (or `files`) of a hub dataset repo, downloaded at one
+    commit, which is printed: --revision COMMIT repeats the run exactly."""
+    from huggingface_hub import HfApi, hf_hub_download  # installed with transformers
+    try:
+        info = HfApi().dataset_info(repo, revision=revision)
+        files = files or split_files(repo, split, [s.rfilename for s in info.siblings])
+        paths = [hf_hub_download(repo, f, repo_type="dataset", revision=info.sha) for f in files]
+    except Exception as e:  # offline, no such repo or file, gated, ...: one line, whichever kind
+        raise e if isinstance(e, DataError) else DataError(f"{repo}: {type(e).__name__}: {one_line(e)}") from None
+    print(f"{repo}@{info.sha}: {', '.join(files)}")
+    return [(path, f"{repo}/{f}") for path, f in zip(paths, files)]
+
+
+def prepare_one(args):
+    """--file / --hub: every row validated, golds the grader cannot match dropped, {problem, answer} written."""
+    try:
+        if args.file:
+            sources, name = [(args.file, args.file)], os.path.basename(args.file).split(".")[0]
+        else:
+            sources = hub_files(args.hub, args.split, args.hub_file, args.revision)
+            name = args.hub.split("/")[-1] + "-" + os.path.basename((args.hub_file or [args.split])[0]).split(".")[0]
+        rows = [pick(row, where, args.problem_key, args.answer_key)
+                for path, shown in sources for where, row in source_rows(path, shown)]
+        rows = drop_unmatched(name, rows) if rows else []
+        if not rows:
+            raise DataError(f"{name}: no usable rows")
+    except DataError as e:
+        sys.exit(f"prepare.py: {e}")
+    out = args.out or os.path.join(MATH_DIR, name + ".jsonl")
+    write_jsonl(out, rows, ("problem", "answer"))  # nothing is written before every row has passed
+    print(f"{name} {len(rows)}  -> {out}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--src", help="local directory laid out like shared/data (offline); omit to download")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "math"),
-                   help="output directory")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--src", help="local directory laid out like shared/data (offline); omit to download")
+    src.add_argument("--file", help="any other question set: a local .jsonl or .parquet file")
+    src.add_argument("--hub", metavar="ORG/NAME", help="any other question set: a hub dataset repo (network)")
+    p.add_argument("--problem-key", default="problem", help="--file/--hub: the field holding the question")
+    p.add_argument("--answer-key", default="answer", help="--file/--hub: the field holding the gold answer")
+    p.add_argument("--split", default="train", help="--hub: the split whose .jsonl/.parquet files are read")
+    p.add_argument("--hub-file", action="append", help="--hub: read this file of the repo instead (repeatable)")
+    p.add_argument("--revision", help="--hub: branch, tag or commit (default: main; the commit used is printed)")
+    p.add_argument("--out", help="output directory (default data/math); with --file/--hub the output file "
+                                 "(default data/math/<name>.jsonl)")
     args = p.parse_args(argv)
+    if args.file or args.hub:
+        return prepare_one(args)
+    args.out = args.out or MATH_DIR
     try:
         math12k, gsm8k, evals = load_local(args.src) if args.src else load_online()
         math12k, gsm8k = drop_empty_answers("math12k", math12k), drop_empty_answers("gsm8k", gsm8k)
