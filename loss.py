@@ -13,12 +13,13 @@ response, adv[seq] being the token's. A response never straddles two micro-batch
 (GRPO's |o_i|) is complete inside one call.
 
 Batch units. One optimizer step consumes a minibatch of N responses (global, across ranks), split into
-micro-batches only to fit memory. Each loss function returns  sum_{i in micro-batch} L_i / N,  N = n_responses
-(DAPO: n_tokens, the loss tokens of the whole minibatch) computed once by the caller before any backward, so summing .backward() over micro-batches AND ranks yields the minibatch gradient
-(1/N) sum_i grad L_i. FSDP2 averages gradients over ranks by default, which would divide by the world size a
-second time, so on EVERY module wrapped with fully_shard (the setting is per module, not inherited) call
-`m.set_gradient_divide_factor(1.0)` and `m.set_force_sum_reduction_for_comms(True)` (a plain SUM reduce-scatter;
-gloo has no PREMUL_SUM). tests/dist_loss_check.py checks this on 2 gloo ranks, packed and padded.
+micro-batches only to fit memory. Each loss function returns sum_{i in micro-batch} L_i / N, N = n_responses
+(DAPO: n_tokens, the loss tokens of the whole minibatch) computed once by the caller before any backward, so
+summing .backward() over micro-batches AND ranks yields the minibatch gradient (1/N) sum_i grad L_i. FSDP2
+averages gradients over ranks by default, which would divide by the world size a second time, so on EVERY module
+wrapped with fully_shard (the setting is per module, not inherited) call `m.set_gradient_divide_factor(1.0)` and
+`m.set_force_sum_reduction_for_comms(True)` (a plain SUM reduce-scatter; gloo has no PREMUL_SUM).
+tests/dist_loss_check.py checks this on 2 gloo ranks, packed and padded.
 
 Metrics are summable: every value is a sum over the micro-batch's unmasked tokens (plus the token count
 "tokens"); add them over micro-batches and ranks, then mean_metrics() divides by the count.
@@ -26,8 +27,8 @@ Options off by default, as in the paper's recipe: beta > 0 adds a k3 KL to a ref
 reference log-probs are needed, so none are passed); tis_cap = C weights each token by min(p_old / p_sampler, C)
 (truncated importance sampling against the sampler's processed log-probs); ratio_level="sequence" gives every
 token its response's ratio exp(mean_t log pi/pi_old), so the clip acts on whole responses: with GRPO's per-
-response mean that is GSPO's objective (Zheng et al., 2025; its clip range is ~3e-4, not 0.2). The overlong filter (zero the mask
-of truncated responses; they still count in N, as in Oat) and several PPO epochs live in train.py.
+response mean that is GSPO's objective (Zheng et al., 2025; its clip range is ~3e-4, not 0.2). The overlong filter
+(zero the mask of truncated responses; they still count in N, as in Oat) and several PPO epochs live in train.py.
 """
 import torch
 import torch.nn.functional as F

@@ -7,8 +7,45 @@ Packed rows (train.py) put several sequences back to back with position_ids rest
 attention must stay inside each sequence without a dense (T, T) mask, whose cost grows with the square of the
 whole row. On GPU with flash-attn installed that is its varlen kernel; everywhere else `packed_attention` below.
 """
+import datetime
+import os
+
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+
+def setup_distributed(threads: int, timeout_min: int):
+    """One process group for every case: torchrun's ranks, or plain `python train.py` (a world of one). Returns
+    (rank, world, device). The device decides NCCL vs gloo; a GPU that torch cannot use is an error."""
+    if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same code path
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
+    cuda = torch.cuda.is_available()
+    local_rank = int(os.environ["LOCAL_RANK"])
+    gpus = 0 if cuda or os.environ.get("CUDA_VISIBLE_DEVICES") == "" else visible_gpus()
+    if gpus:  # a CUDA machine whose torch cannot use it: an error, never a silent CPU run
+        raise RuntimeError(f"nvidia-smi sees {gpus} GPU(s) but torch {torch.__version__} sees none: install the "
+                           "CUDA build (./setup.sh), or set CUDA_VISIBLE_DEVICES= to run on the CPU on purpose")
+    if cuda:
+        torch.cuda.set_device(local_rank)
+        # The only fp32 matmul on GPU is the output head on bf16 values (loss.py), which TF32 represents exactly.
+        torch.set_float32_matmul_precision("high")
+    else:  # 2 ranks on 2 cores: one torch thread each, or they fight over the cores
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
+    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def visible_gpus() -> int:
+    """GPUs that nvidia-smi lists (0 without nvidia-smi or a driver)."""
+    import shutil
+    import subprocess
+    if not shutil.which("nvidia-smi"):
+        return 0
+    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+    return out.stdout.count("GPU ") if out.returncode == 0 else 0
 
 
 def packed_attention(module, query, key, value, attention_mask, scaling=None, position_ids=None, **kwargs):
@@ -32,9 +69,14 @@ def register_packed_attention():
 
 
 def build_policy(path: str, device, seed: int, grad_checkpointing: bool):
-    """The HF model, sharded with FSDP2: each decoder layer, then the root. bf16 compute on GPU, fp32 on CPU."""
+    """The HF model, sharded with FSDP2: each decoder layer, then the root. bf16 compute on GPU, fp32 on CPU.
+
+    Start-up host memory is about one model per node, not one per rank: every rank builds the model on the meta
+    device (no memory), shards it and allocates only its own shard; then rank 0 reads the weights one tensor at a
+    time and broadcasts each into the shards (load_from_rank0). Loading every rank's full fp32 copy first would
+    cost ~30 GB per rank for a 7B model."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     cuda = device.type == "cuda"
     # The update feeds packed rows: flash-attention's varlen kernel where installed (GPU), else one causal sdpa
@@ -48,7 +90,13 @@ def build_policy(path: str, device, seed: int, grad_checkpointing: bool):
             pass
     register_packed_attention()
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn).to(device)
+    with torch.device("meta"):  # shapes only: no rank holds a full copy
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32,
+                                                 attn_implementation=attn)
+    # Tied (Qwen2.5-1.5B, the demo model; not 7B): one Parameter before fully_shard sees two modules. from_config
+    # ties it already (transformers 5.19), and to_empty and fully_shard keep it; this line keeps it so.
+    if model.config.get_text_config().tie_word_embeddings:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -57,9 +105,83 @@ def build_policy(path: str, device, seed: int, grad_checkpointing: bool):
     for layer in model.model.layers:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
+    model.to_empty(device=device)  # this rank's shards, uninitialised
+    init_rotary(model)
+    load_from_rank0(model, path, device)
     # loss.py divides by the GLOBAL number of responses, so gradients are summed over ranks, not averaged.
     # The setting is per fully_shard module; a plain SUM also suits gloo, which has no PREMUL_SUM.
     for m in [*model.model.layers, model]:
         m.set_gradient_divide_factor(1.0)
         m.set_force_sum_reduction_for_comms(True)
     return model
+
+
+@torch.no_grad()
+def init_rotary(model):
+    """Recompute the rotary inverse frequencies, as the module's constructor does. They are non-persistent buffers:
+    not in the checkpoint, so to_empty leaves them as garbage. Any other non-persistent buffer is an error here
+    rather than silently uninitialised."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    persistent = set(model.state_dict())
+    done = set()
+    for name, m in model.named_modules():
+        if hasattr(m, "original_inv_freq"):  # Qwen2RotaryEmbedding and its kin (transformers' _init_weights test)
+            fn = m.compute_default_rope_parameters if m.rope_type == "default" else ROPE_INIT_FUNCTIONS[m.rope_type]
+            inv_freq, m.attention_scaling = fn(m.config)
+            m.inv_freq.copy_(inv_freq)
+            m.original_inv_freq.copy_(inv_freq)
+            done |= {f"{name}.inv_freq".lstrip("."), f"{name}.original_inv_freq".lstrip(".")}
+    unknown = [n for n, _ in model.named_buffers() if n not in persistent and n not in done]
+    if unknown:
+        raise NotImplementedError(f"build_policy: no initialiser for the non-persistent buffers {unknown}")
+
+
+def weight_files(path: str) -> dict:
+    """{tensor name: safetensors file} of an HF model directory (one file, or an index of shards) or hub name."""
+    import json
+    import os
+    if not os.path.isdir(path):  # a hub name: the files in the local cache, fetched once (not run here: no hub)
+        from huggingface_hub import snapshot_download
+        path = snapshot_download(path, allow_patterns=["*.safetensors", "*.safetensors.index.json"])
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+    from safetensors import safe_open
+    with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+        return {k: os.path.join(path, "model.safetensors") for k in f.keys()}
+
+
+@torch.no_grad()
+def load_from_rank0(model, path: str, device):
+    """Fill the sharded model from the checkpoint: rank 0 reads one tensor, broadcasts it, every rank keeps its own
+    shard of it. Host memory beyond the shards: one receive buffer the size of the largest tensor, allocated once
+    (one buffer per tensor would leave tens of MB per rank in malloc's free lists). Each tensor is opened on its
+    own: safetensors maps the whole file, and the mapping (counted in the process's memory once touched) lives as
+    long as any tensor read from it. The names are the model's own (named_parameters skips the tied lm_head, which
+    a tied checkpoint omits); a missing name or a shape mismatch stops rank 0, and torchrun then stops the others."""
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, distribute_tensor
+    rank = dist.get_rank()
+    files = weight_files(path) if rank == 0 else {}
+    persistent = set(model.state_dict())  # non-persistent buffers: init_rotary
+    named = [(n, t) for n, t in [*model.named_parameters(), *model.named_buffers()] if n in persistent]
+    buf = torch.empty(max(t.numel() * t.element_size() for _, t in named), dtype=torch.uint8, device=device)
+    for name, target in named:
+        full = buf[:target.numel() * target.element_size()].view(target.dtype).view(target.shape)
+        if rank == 0:
+            if name not in files:
+                raise KeyError(f"build_policy: {name} is not in the checkpoint {path}")
+            with safe_open(files[name], "pt") as f:
+                t = f.get_tensor(name)
+            if t.shape != full.shape:
+                raise ValueError(f"build_policy: {name} is {tuple(t.shape)} in {path}, model {tuple(full.shape)}")
+            full.copy_(t)  # the file's dtype (bf16 for Qwen2.5) to the model's fp32
+            del t
+        dist.broadcast(full, src=0)
+        if isinstance(target, DTensor):  # this rank's shard: local slicing, no communication
+            target.to_local().copy_(distribute_tensor(full, target.device_mesh, target.placements,
+                                                      src_data_rank=None).to_local())
+        else:
+            target.copy_(full)

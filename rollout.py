@@ -4,12 +4,12 @@
     groups = engine.generate(prompts, n=8, temperature=1.0, top_p=1.0, max_new_tokens=3000, stop=("</answer>",),
                              seeds=[...])            # [prompt][sample] -> Completion
     engine.sleep()                                   # trainer update runs here, with the engine's memory freed
-    engine.wake_up(fsdp_full_tensors(model))         # weights first, push new weights, then the KV cache
+    engine.wake_up(fsdp_full_tensors(model))         # weights first, push EVERY weight, then the KV cache
 
 Every torchrun rank owns one in-process vLLM engine ("external_launcher", tensor_parallel_size=1) and generates
 for its own prompts. What silently wrecks RL training if it is wrong, and how this file prevents it:
-  stale weights    new weights are pushed in memory with vLLM's in-place `reload_weights`; nothing reloads
-                   from disk after a sync (that would restore the base model);
+  stale weights    new weights are pushed in memory with vLLM's in-place `reload_weights`, ALL of them (sleep level
+                   2 discards the engine's copy); nothing reloads from disk after a sync (that restores the base);
   stale prefix     the prefix cache holds KV computed with the OLD weights; it is reset after every sync;
   OOM on wake      on GPU, waking weights + KV cache at once can run out of memory: wake weights, push, then KV;
   wrong log-probs  the engine returns log-probs AFTER temperature ("processed_logprobs"), which is what the
@@ -61,21 +61,17 @@ def stop_token_ids(tokenizer, model_path: str) -> list[int]:
 
 
 def _set_cpu_env_defaults() -> None:
-    """vLLM on CPU (no CUDA): run the engine core in this process, so `collective_rpc` reaches the model,
-    and keep the KV cache small. setdefault: the user's environment wins. Thread binding needs nothing here:
-    in-process vLLM drops torch to one intra-op thread (or keeps OMP_NUM_THREADS, which torchrun sets to 1),
-    so two ranks on two cores do not oversubscribe (VLLM_CPU_OMP_THREADS_BIND only acts on vLLM's own
-    worker processes, which this mode does not start)."""
+    """vLLM on CPU: the engine core in this process (so `collective_rpc` reaches the model), a small KV cache; the
+    user's environment wins. No thread binding needed: in-process vLLM keeps torch at one intra-op thread (or
+    OMP_NUM_THREADS, 1 under torchrun); VLLM_CPU_OMP_THREADS_BIND acts only on worker processes not started here."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 
 
 def _repack_tied_lm_head(worker) -> None:
-    """CPU only, runs inside vLLM's worker. vLLM-CPU packs the lm_head weight into a private GEMM copy at
-    load time. With tied embeddings (Qwen2.5-1.5B, the demo model) the reload updates the shared tensor
-    but never re-packs the head, which is not in the checkpoint: the engine would keep sampling from the
-    OLD output layer (seen here: greedy tokens and log-probs then differ from transformers). Re-pack it.
-    On GPU the head reads the shared tensor directly, so there is nothing to do there."""
+    """CPU only, in vLLM's worker. vLLM-CPU packs the lm_head weight into a private GEMM copy at load. With tied
+    embeddings (Qwen2.5-1.5B, the demo model) a reload updates the shared tensor but never re-packs the head (not
+    in the checkpoint): the engine would sample from the OLD head (seen here). On GPU it reads the shared tensor."""
     head = getattr(worker.get_model(), "lm_head", None)
     if head is not None and hasattr(head, "quant_method"):
         head.quant_method.process_weights_after_loading(head)
@@ -84,15 +80,16 @@ def _repack_tied_lm_head(worker) -> None:
 class VLLMEngine:
     def __init__(self, model_path: str, *, seed: int, max_model_len: int, dtype: str = "auto",
                  gpu_memory_utilization: float = 0.35, tensor_parallel_size: int = 1, colocated: bool = False,
-                 enable_prefix_caching: bool = True, enforce_eager: bool = False):
+                 enable_prefix_caching: bool = True, enforce_eager: bool = False, sleep_level: int = 2):
+        if sleep_level not in (1, 2):
+            raise ValueError(f"sleep_level must be 1 or 2, got {sleep_level}")
+        self.sleep_level = sleep_level
         cuda = torch.cuda.is_available()
         if not cuda:
             _set_cpu_env_defaults()
-        # vLLM logs several INFO/WARNING lines per call (prefix-cache resets, sleep and wake, weight reloads,
-        # "sleep mode is not supported on CPU") that bury the trainer's one line per iteration. Errors only,
-        # unless the user's environment says otherwise (VLLM_LOGGING_LEVEL=INFO brings them back).
+        # vLLM logs INFO/WARNING lines per call (cache resets, sleep, reloads) that bury the trainer's line per
+        # iteration: errors only, unless VLLM_LOGGING_LEVEL says otherwise; setLevel: also while vLLM imports.
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-        # the same level for what vLLM logs while importing, before it has configured its own logger
         logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"].upper())
         warnings.filterwarnings("ignore", message=".*torch.distributed.reduce_op.*is deprecated")  # vLLM's own
         from vllm import LLM
@@ -118,9 +115,8 @@ class VLLMEngine:
             n=n, temperature=temperature, top_p=top_p if temperature > 0 else 1.0,
             max_tokens=max_new_tokens, stop=list(stop), stop_token_ids=self.stop_ids,
             include_stop_str_in_output=True, seed=seed,
-            # vLLM detokenizes every step only to check stop strings, and then also decodes each log-prob's
-            # token, a Python call per token (a quarter of CPU generation time). Without stop strings the text
-            # is decoded once per response in _completion instead.
+            # vLLM detokenizes every step only to check stop strings, and also each log-prob's token (a quarter of
+            # CPU generation time). Without stop strings the text is decoded once per response in _completion.
             detokenize=bool(stop),
             logprobs=0,           # 0 = only the sampled token's log-prob
             flat_logprobs=True)   # a few flat lists per response instead of a dict per token (GC cost)
@@ -149,12 +145,15 @@ class VLLMEngine:
         return Completion(list(o.token_ids), text, values, ok, o.finish_reason == "length")
 
     def sleep(self) -> None:
-        """Before the trainer's update. GPU: level 1 offloads weights to CPU RAM and drops the KV cache.
-        (Level 2 would also drop buffers such as rotary tables, which a weight push does not restore.)"""
-        self.llm.sleep(level=1)
+        """Frees the engine's GPU memory for the update (a no-op on CPU). Level 2 DISCARDS the weights (vLLM keeps its
+        buffers, e.g. rotary tables): wake_up must push every one; level 1 copies them to pinned host RAM (~15 GB per
+        rank for 7B) for the sync to overwrite. Level 2 on a GPU is not run here (the tests emulate its discard)."""
+        self.llm.sleep(level=self.sleep_level)
 
     def wake_up(self, named_tensors=None) -> None:
         """After the update, in the memory-safe order: weights back, new weights in, only then the KV cache."""
+        if named_tensors is None and self.sleep_level == 2:
+            raise ValueError("sleep level 2 discarded the weights: wake_up must be given the new ones")
         self.llm.wake_up(tags=["weights"])
         if named_tensors is not None:
             self._push(named_tensors)
@@ -167,10 +166,8 @@ class VLLMEngine:
         self.reset_prefix_cache()
 
     def _push(self, named_tensors) -> None:
-        # ONE reload call fed by a stream: vLLM buffers a layer's pieces only until the layer is complete
-        # (q/k/v -> fused qkv) and then copies them in, so memory stays bounded by one layer, never a full
-        # copy of the model. Several partial calls would be wrong: a fused layer split across calls gets
-        # processed with its missing parts uninitialised.
+        # ONE reload call fed by a stream: vLLM buffers a layer's pieces until it is complete (q/k/v -> qkv), so memory
+        # stays bounded by one layer; a fused layer split across several calls would load half uninitialised.
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(named_tensors)})
         if not torch.cuda.is_available():
             self.llm.collective_rpc(_repack_tied_lm_head)
@@ -213,21 +210,38 @@ class HFEngine:
         return out
 
     def _generate_batch(self, prompts, n, temperature, top_p, max_new_tokens, stop) -> list[list[Completion]]:
+        from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
+
+        class KeepSampledLogprob(LogitsProcessor):
+            """Last in the chain: each sampled token's log-prob under the PROCESSED scores (as vLLM's), a column per
+            step. Stacking generate's output_scores would hold (B*n, T, V): 16 x 3,000 x 151,936 fp32 is 29 GB."""
+            def __init__(self):
+                self.last, self.picked = None, []
+
+            def __call__(self, input_ids, scores):  # input_ids ends with the token drawn from the previous scores
+                if self.last is not None:
+                    self.picked.append(self.last.gather(1, input_ids[:, -1:]))              # (B*n, 1)
+                self.last = scores.float().log_softmax(-1)                                  # (B*n, V)
+                return scores
+
         enc = self.tokenizer(prompts, return_tensors="pt", padding=True).to(self.device)
         P = enc["input_ids"].shape[1]
         budget = min(max_new_tokens, self.max_model_len - P)
-        # Explicit values: a model's generation_config (e.g. Qwen's top_k, repetition_penalty) must not leak in.
-        sample = dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0 else \
-            dict(do_sample=False)
-        out = self.model.generate(**enc, **sample, repetition_penalty=1.0, max_new_tokens=budget,
-                                  num_return_sequences=n, eos_token_id=self.stop_ids,
-                                  pad_token_id=self.tokenizer.pad_token_id, return_dict_in_generate=True,
-                                  output_scores=True,
+        # generate() runs custom processors BEFORE its own warpers (transformers 5.x), so the warpers go in our chain
+        # ahead of the recorder, and generate gets neutral values, explicitly: a model's generation_config (e.g.
+        # Qwen's top_k, repetition_penalty) must not leak in.
+        keep = KeepSampledLogprob()
+        chain = [TemperatureLogitsWarper(temperature)] if temperature > 0 and temperature != 1.0 else []
+        chain += [TopPLogitsWarper(top_p)] if temperature > 0 and top_p < 1.0 else []
+        sample = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if temperature > 0 else dict(do_sample=False)
+        out = self.model.generate(**enc, **sample, logits_processor=LogitsProcessorList(chain + [keep]),
+                                  repetition_penalty=1.0, max_new_tokens=budget, num_return_sequences=n,
+                                  eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id,
+                                  return_dict_in_generate=True,
                                   **(dict(stop_strings=list(stop), tokenizer=self.tokenizer) if stop else {}))
         new = out.sequences[:, P:]                                             # (B*n, T)
-        # scores are the processed logits (after temperature / top_p), as vLLM's processed_logprobs.
-        logp = torch.stack(out.scores, dim=1).float().log_softmax(-1)         # (B*n, T, V)
-        logp = logp.gather(-1, new.unsqueeze(-1)).squeeze(-1)                 # (B*n, T)
+        # the last token's value is still in keep.last; steps generate undid at the end (a deferred stop) are cut
+        logp = torch.cat(keep.picked + [keep.last.gather(1, new[:, -1:])], dim=1)[:, :new.shape[1]]  # (B*n, T)
         comps = [self._completion(new[i].tolist(), logp[i].tolist(), stop, budget) for i in range(new.shape[0])]
         return [comps[i * n:(i + 1) * n] for i in range(len(prompts))]
 
@@ -268,29 +282,34 @@ class HFEngine:
             params[name].copy_(tensor)
 
 
+def engine_kind(kind: str, cuda: bool, vllm_installed: bool) -> str:
+    """The engine ("vllm" or "hf") that make_engine builds for kind "vllm" | "hf" | "auto". "auto" falls back to
+    transformers only without CUDA: on a GPU a missing vLLM is an error, never a silently slow run."""
+    if kind not in ("auto", "vllm", "hf"):
+        raise ValueError(f"unknown engine {kind!r}; choose vllm, hf or auto")
+    if kind == "hf" or (kind == "auto" and not cuda and not vllm_installed):
+        return "hf"
+    if vllm_installed:
+        return "vllm"
+    raise RuntimeError("vLLM is not installed: run ./setup.sh, or pass --engine hf for the slow transformers engine")
+
+
 def make_engine(kind: str, model_path: str, **kw):
-    """kind: "vllm" | "hf" | "auto" (vLLM when it is installed). kw go to the engine; HFEngine takes only
-    seed, max_model_len, dtype and device, so the vLLM-only ones are dropped for it."""
-    if kind == "auto":  # find_spec, not import: VLLMEngine sets vLLM's environment before its first import
-        import importlib.util
-        kind = "vllm" if importlib.util.find_spec("vllm") else "hf"
-    if kind == "vllm":
+    """kw go to the engine; HFEngine takes only seed, max_model_len, dtype and device (the rest is vLLM's)."""
+    import importlib.util  # find_spec, not import: VLLMEngine sets vLLM's environment before its first import
+    if engine_kind(kind, torch.cuda.is_available(), importlib.util.find_spec("vllm") is not None) == "vllm":
         return VLLMEngine(model_path, **kw)
-    if kind == "hf":
-        return HFEngine(model_path, **{k: v for k, v in kw.items() if k in ("seed", "max_model_len", "dtype",
-                                                                              "device")})
-    raise ValueError(f"unknown engine {kind!r}; choose vllm, hf or auto")
+    return HFEngine(model_path, **{k: v for k, v in kw.items() if k in ("seed", "max_model_len", "dtype", "device")})
 
 
 def fsdp_full_tensors(model):
     """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, in the order of
     model.named_parameters(). Tied weights appear once (named_parameters dedups), as in an HF checkpoint.
 
-    Gathering goes by FSDP module: unshard() all-gathers a whole decoder layer in ONE collective, where
-    DTensor.full_tensor() per parameter would be one each (~12 per layer; on gloo they were most of the sync
-    time). One module is unsharded at a time, so no rank holds a second full copy of the model (beyond what the
-    consumer keeps of the yielded copies). Every rank must iterate in the same order, to the end. Plain
-    (unsharded) models pass through."""
+    Gathering goes by FSDP module: unshard() all-gathers a decoder layer in ONE collective, where full_tensor()
+    per parameter would be ~12 (on gloo, most of the sync time). One module at a time, so no rank holds a second
+    full copy (beyond what the consumer keeps). Every rank iterates in the same order, to the end. Unsharded models
+    pass through."""
     from torch.distributed.fsdp import FSDPModule
     owner = {}  # parameter name -> (the innermost FSDP module that shards it, the name inside that module)
     for prefix, m in model.named_modules():  # outer modules first; inner ones overwrite their parameters
@@ -317,11 +336,9 @@ def fsdp_full_tensors(model):
 
 
 def logprob_mismatch(sampler_logprobs, sampler_ok, trainer_logprobs) -> float:
-    """Mean |sampler - trainer| log-prob over sampled tokens whose sampler value is ok (finite).
-
-    Either ragged lists, one list per response (Completion.logprobs / .logprob_ok and the trainer's values for
-    the same tokens), or tensors of one shape, e.g. (N, T) padded, with sampler_ok False on padding.
-    nan when no token is ok (a logged metric only, never used in a loss)."""
+    """Mean |sampler - trainer| log-prob over sampled tokens whose sampler value is ok (finite); nan when none is (a
+    logged metric, never in a loss). Ragged lists, one per response (Completion.logprobs / .logprob_ok and the
+    trainer's values for the same tokens), or tensors of one shape, e.g. (N, T) with sampler_ok False on padding."""
     def flat(x, dtype):
         if torch.is_tensor(x):
             return x.detach().reshape(-1).to("cpu", dtype)

