@@ -55,7 +55,7 @@ def plot(paths: list, labels: list, out: str) -> str:
         band(axes[3], [t for t, _ in runs], "dropped_group_frac", color, f"{label} groups dropped", ":")
     for ax, title in zip(axes, ["reward / accuracy", "mean response length (tokens)",
                                 "response length: correct vs incorrect",
-                                "self-reflection keyword rate (eval.py)"]):
+                                "self-reflection keyword rate; groups dropped"]):
         ax.set_title(title)
         ax.set_xlabel("policy iteration")
         if ax.lines:
