@@ -1,12 +1,24 @@
 """How one iteration's responses become the update's work: balanced over ranks by tokens, packed into rows.
 
-A response is a dict (train.share_rollouts): "ids" prompt + response token ids, "prompt" the prompt length,
-"adv" its advantage, "keep" whether it is in the loss at all. An optimizer minibatch of them is split over ranks
-by tokens (`balance`), each rank's share packed into padding-free rows (`packed_row`) whose attention stays
-inside each sequence (model.packed_attention, or flash-attention's varlen kernel). Every function here is a pure
-function of its arguments, so every rank computes the same plan, and a resumed run the same again.
+A response is a dict (`responses`): "ids" prompt + response token ids, "prompt" the prompt length, "adv" its
+advantage, "keep" whether it is in the loss at all. train.py gathers every rank's responses to every rank. An
+optimizer minibatch of them is split over ranks by tokens (`balance`), each rank's share packed into padding-free
+rows (`packed_row`) whose attention stays inside each sequence (model.packed_attention, or flash-attention's
+varlen kernel). Every function here is a pure function of its arguments, so every rank computes the same plan, and
+a resumed run the same again.
 """
 import torch
+
+
+def responses(prompt_ids: list, completions: list, adv, keep, informative, round_) -> list:
+    """This rank's responses as the update's dicts. Every rank gets all of them (train.py gathers them): the
+    update splits minibatches over ranks by tokens, so any rank may train on any response. Per response:
+    prompt + response ids, the prompt length, its advantage, whether it is in the loss (the overlong filter),
+    the sampler's log-probs, and for dynamic sampling whether its group's rewards differ and its round."""
+    return [{"ids": torch.tensor(p + c.token_ids), "prompt": len(p), "adv": float(a), "keep": bool(k),
+             "sampler": torch.tensor(c.logprobs), "ok": torch.tensor(c.logprob_ok), "informative": bool(i),
+             "round": r} for p, c, a, k, i, r in zip(prompt_ids, completions, adv.tolist(), keep.tolist(),
+                                                     informative.tolist(), round_.tolist())]
 
 
 def balance(lengths: dict, world: int, max_tokens: int) -> list:

@@ -48,7 +48,7 @@ class Config:
     # Tokens (prompt + response) per packed row, one row per forward/backward on a rank (memory only). 7B on an
     # 80 GB GPU with checkpointing: each token keeps its 28 layer inputs (28 x 3,584 x 2 B = 0.2 MB) plus one
     # layer's recompute in backward (~0.45 MB: qkv, attention out, 2 x 18,944 MLP in bf16, fp32 norms), plus the
-    # head's chunks: 16k tokens ~ 13.5 GB beside the sharded fp32 weights, grads, AdamW (7.6B x 16 B / 8 = 15 GB).
+    # head's chunks: 16k tokens ~ 13.5 GB beside the sharded weights, grads, AdamW (15 GB) (README: memory table).
     max_tokens_per_micro_batch: int = 16384
     ppo_epochs: int = 1                   # passes over each iteration's responses
     iterations: int = 200                 # policy iterations to run
@@ -268,11 +268,11 @@ def extra_prompts(n_rows: int, iteration: int, round_: int, k: int, seed: int) -
     return torch.randperm(n_rows, generator=g).repeat(math.ceil(k / n_rows))[:k].tolist()
 
 
-def request_seed(seed: int, iteration: int, position: int) -> int:
+def request_seed(seed: int, iteration: int, position: int, round_: int = 0) -> int:
     """Each request carries its own sampling seed, so a resumed run samples exactly what it would have. Keyed by
     the prompt's position in the iteration, not its index: a prompt that appears twice in one iteration (at the
-    end of a pass) must get two different groups, not the same one twice."""
-    return (seed * 1_000_003 + iteration * 7_919 + position) % (2 ** 31 - 1)
+    end of a pass) must get two different groups, not the same one twice. Dynamic sampling's rounds are apart."""
+    return (seed * 1_000_003 + iteration * 7_919 + position + round_ * 1_000_000_007) % (2 ** 31 - 1)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -336,18 +336,6 @@ def gather_all(obj, world: int) -> list:
     return parts
 
 
-def share_rollouts(prompt_ids: list, completions: list, adv, keep, informative, round_, world: int) -> list:
-    """Every rank's responses of this iteration, in rank order: the update splits minibatches over ranks by
-    tokens, so any rank may train on any response. Per response: prompt + response ids, the prompt length, its
-    advantage, whether it is kept in the loss (the overlong filter), the sampler's log-probs, and for dynamic
-    sampling whether its group's rewards differ and in which round it was sampled."""
-    mine = [{"ids": torch.tensor(p + c.token_ids), "prompt": len(p), "adv": float(a), "keep": bool(k),
-             "sampler": torch.tensor(c.logprobs), "ok": torch.tensor(c.logprob_ok), "informative": bool(i),
-             "round": r} for p, c, a, k, i, r in zip(prompt_ids, completions, adv.tolist(), keep.tolist(),
-                                                     informative.tolist(), round_.tolist())]
-    return [s for part in gather_all(mine, world) for s in part]
-
-
 def generate_and_grade(engine, pool, rows, seeds, cfg: Config, template, round_: int) -> dict:
     """Steps 2-3 for one round of prompts: G responses per row (seeded per request), graded, group-major."""
     from eval import is_reflective
@@ -375,7 +363,7 @@ def loss_normaliser(algo: str, seqs: list, idx: list) -> int:
     """N of one optimizer minibatch (global): its responses, or for DAPO its response tokens in the loss (>= 1)."""
     if algo == "dapo":
         return max(1, sum(len(seqs[i]["ids"]) - seqs[i]["prompt"] for i in idx if seqs[i]["keep"]))
-    return len(idx)
+    return max(1, len(idx))
 
 
 def evaluate_heldout(engine, pool, rows, cfg: Config, tokenizer, rank: int, world: int, device):
@@ -405,7 +393,7 @@ def main(argv=None):
     import checkpoint
     import loss as L
     from grader import GraderPool
-    from packing import at_responses, balance, packed_row, per_response
+    from packing import at_responses, balance, packed_row, per_response, responses
     from plot import plot_run
     from rollout import engine_kind, fsdp_full_tensors, logprob_mismatch, make_engine
     from templates import get_template
@@ -533,7 +521,7 @@ def main(argv=None):
             rounds += 1  # as many prompts as the rate of useful groups so far says are missing, whole rank shares
             n_extra = min(cfg.rollout_batch, world * math.ceil(missing / max(c["useful"] / c["all"], 0.1) / world))
             extra = extra_prompts(len(questions), it, rounds, n_extra, cfg.seed)
-            seeds = [request_seed(cfg.seed, it, rounds * cfg.rollout_batch + j) for j in range(rank, n_extra, world)]
+            seeds = [request_seed(cfg.seed, it, j, rounds) for j in range(rank, n_extra, world)]
             more = generate_and_grade(engine, pool, [questions[i] for i in extra[rank::world]], seeds, cfg,
                                       template, round_=rounds)
             batch = {k: torch.cat([v, more[k]]) if torch.is_tensor(v) else v + more[k] for k, v in batch.items()}
@@ -545,7 +533,8 @@ def main(argv=None):
         adv, adv_stats = advantages(rewards, cfg.group_size)                     # (B,)
         prompt_ids = [ids for r in rows for ids in [tokenizer(r["prompt"])["input_ids"]] * cfg.group_size]
         keep = ~batch["truncated"] if cfg.overlong_filter else torch.ones(len(comps), dtype=torch.bool)  # (B,)
-        seqs = share_rollouts(prompt_ids, comps, adv, keep, batch["informative"], batch["round"], world)
+        mine = responses(prompt_ids, comps, adv, keep, batch["informative"], batch["round"])
+        seqs = [s for part in gather_all(mine, world) for s in part]             # every rank's, in rank order
         generated = len(seqs)
         if cfg.dynamic_sampling:  # the same choice on every rank: earliest rounds first, whole groups
             seqs = sorted((s for s in seqs if s["informative"]), key=lambda s: s["round"])
@@ -585,7 +574,9 @@ def main(argv=None):
         # GLOBAL optimizer minibatch (truncation-masked responses count in GRPO's and Dr. GRPO's, as in Oat),
         # divides every micro-step on every rank; gradients are summed over micro-steps and ranks (FSDP divide
         # factor 1), so each optimizer step sees the mean over its N responses (DAPO: tokens).
-        summed, grad_norms = {}, []
+        # (zeros first: dynamic sampling may leave nothing to train on, and the log line still needs its keys)
+        summed, grad_norms = dict.fromkeys(("tokens", "clip_frac_low", "clip_frac_high", "entropy", "entropy_tokens"),
+                                           0.0), []
         model.train()
         for epoch, minibatches in enumerate(plans):
             if epoch == 1:  # later epochs reshuffle responses over ranks: every rank needs every old log-prob
@@ -613,6 +604,7 @@ def main(argv=None):
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 if cfg.ref_sync_every and sched.last_epoch % cfg.ref_sync_every == 0:  # the same shards in both
+                    model.reshard()  # gathered if this minibatch had no backward (only step 6's forward)
                     with torch.no_grad():  # (takes effect from the next iteration's reference log-probs)
                         for r, p in zip(ref.parameters(), model.parameters()):
                             r.lerp_(p, cfg.ref_mixup_alpha)  # r <- r + A (p - r)
@@ -625,14 +617,15 @@ def main(argv=None):
         # ---- logging: sums and counts over ranks, then one line on rank 0 --------------------------------
         ok, lengths, refl = correct.bool(), batch["lengths"], batch["reflective"]
         finite = mismatch == mismatch  # nan when this rank had no usable sampler log-prob
+        ok_tokens = sum(int(seqs[i]["ok"].sum()) for i in old) if finite else 0  # weighs each rank's mean
         rows_tokens = [[sum(len(seqs[i]["ids"]) for i in row) for row in step]
                        for minibatches in plans for _, plan in minibatches for step in plan] or [[1]]  # all ranks
         s = all_sum({"reward": rewards.sum(), "correct": correct.sum(), "formatted": batch["formatted"].sum(),
                      "truncated": batch["truncated"].sum(), "len_ok": lengths[ok].sum(), "n_ok": ok.sum(),
                      "len_bad": lengths[~ok].sum(), "n_bad": (~ok).sum(), "len": lengths.sum(), "n": len(comps),
                      "refl_ok": refl[ok].sum(), "refl_bad": refl[~ok].sum(), "t_grade": sum(batch["t_grade"]),
-                     "zero_adv_frac": adv_stats["zero_adv_group_frac"], "mismatch": mismatch if finite else 0.0,
-                     "mismatch_ranks": finite, "nan_logprobs": engine.nan_logprobs - nan_before,
+                     "zero_adv_frac": adv_stats["zero_adv_group_frac"], "mismatch": mismatch * ok_tokens if finite else 0.0,
+                     "mismatch_tokens": ok_tokens, "nan_logprobs": engine.nan_logprobs - nan_before,
                      "timeouts": pool.timeouts - timeouts_before, **summed}, device)
         n = s["n"]
         lm = L.mean_metrics({k: s[k] for k in summed if not k.startswith("entropy")})
@@ -643,7 +636,7 @@ def main(argv=None):
                # the paper's self-reflection keywords (eval.py), in correct and in incorrect responses
                "reflection_correct": s["refl_ok"] / max(s["n_ok"], 1),
                "reflection_incorrect": s["refl_bad"] / max(s["n_bad"], 1),
-               "logprob_mismatch": s["mismatch"] / max(s["mismatch_ranks"], 1), "nan_logprobs": s["nan_logprobs"],
+               "logprob_mismatch": s["mismatch"] / max(s["mismatch_tokens"], 1), "nan_logprobs": s["nan_logprobs"],
                "entropy": s["entropy"] / max(s["entropy_tokens"], 1), **{k: v for k, v in lm.items() if k != "tokens"},
                "grad_norm": sum(grad_norms) / len(grad_norms), "lr": sched.get_last_lr()[0],
                "adv_std": adv_stats["adv_std"], "grader_timeouts": s["timeouts"],  # adv_std: rank 0's groups

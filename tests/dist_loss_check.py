@@ -64,7 +64,7 @@ def padded_batch(seqs: list) -> dict:
 
 
 def make_minibatch(model, seed: int = 0) -> list:
-    """N responses in train.py's format (share_rollouts), uneven prompt and response lengths, one response kept
+    """N responses in train.py's format (packing.responses), uneven prompt and response lengths, one response kept
     out of the loss entirely (as the overlong filter leaves it; it still counts in N), one sampler log-prob not
     usable. old/ref/sampler log-probs are the current policy's plus noise, so ratios move off 1 and some clip."""
     g = torch.Generator().manual_seed(seed)

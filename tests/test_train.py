@@ -305,3 +305,19 @@ def test_resume_after_sigkill_is_exact(full_run, demo_model_dir, demo_data, tmp_
     base = load_file(os.path.join(demo_model_dir, "model.safetensors"))
     final = load_file(os.path.join(out, f"step_{ITERS:06d}", "model.safetensors"))
     assert any(not torch.equal(base[k], final[k]) for k in base)
+
+
+def test_dynamic_sampling_with_nothing_to_learn(demo_model_dir, demo_data, tmp_path):
+    """One-token responses all score 0: no group ever has signal, so every round comes up empty and there is
+    nothing to train on. The run goes on (the same empty plan on both ranks, a reference sync on a policy whose
+    update ran no backward) and says so in its metrics."""
+    out = str(tmp_path / "empty")
+    args = run_args(demo_model_dir, demo_data, out, ["--iterations", "2", "--max-new-tokens", "1", "--ppo-epochs", "1",
+                                                     "--ref-sync-every", "1"])
+    p = subprocess.run(args, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))][1:]
+    assert [r["iteration"] for r in recs] == [1, 2]
+    for r in recs:
+        assert r["reward"] == 0 and r["trained_groups"] == 0 and r["dropped_group_frac"] == 1
+        assert r["sampling_rounds"] == 2 and r["grad_norm"] == 0
