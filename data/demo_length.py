@@ -1,6 +1,6 @@
 """The length-bias demo: the CPU demo's task with a third, long way of being wrong (a sibling of data/demo.py).
 
-    python data/demo_length.py --out data/demo_length     # ~2.5 min: pretrains its base model
+    python data/demo_length.py --out data/demo_length     # ~10 min: pretrains its base model (1,200 steps)
     make length-bias                                      # builds it, runs GRPO and Dr. GRPO x 3 seeds, plots
 
 The paper's length bias: GRPO divides each response's summed token loss by its own length |o_i|, so every token
@@ -12,6 +12,10 @@ two ways of being wrong whose lengths differ, and lets RL choose between them at
 in pretraining proportions 40 / 30 / 30 %. Both the style (the first token) and the ramble's length (one
 "continue or answer" decision after every filler sentence) are choices RL can change, so the length of the
 incorrect responses is free to move. The README states the prediction that was written before the runs.
+
+Version 2 (2026-12-01) pretrains 1,200 steps instead of 400, nothing else changed: at 400 the careful style was
+right only 75 % of the time (sampled at T = 1), so careful answers with a wrong result (19 tokens, as long as
+right ones) were all the wrong responses left at the end of v1's runs, and hid the two wrong styles' lengths.
 """
 import argparse
 import os
@@ -45,7 +49,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=os.path.join(REPO, "data", "demo_length"), help="output directory")
     p.add_argument("--seed", type=int, default=0, help="seed for the split, the corpus and the model init")
-    p.add_argument("--steps", type=int, default=400, help="pretraining steps")
+    p.add_argument("--steps", type=int, default=1200, help="pretraining steps (v1 of the task: 400)")
     args = p.parse_args()
     torch.set_num_threads(1)  # deterministic, and fastest for a model this small
     t0 = time.time()
