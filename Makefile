@@ -20,7 +20,7 @@ test: setup
 	@$(PY) -m pytest -q tests; rc=$$?; [ $$rc -ne 5 ] || echo "make test: pytest collected no tests"; exit $$rc
 
 # The paper's length bias in miniature (README): GRPO and Dr. GRPO on data/demo_length.py's task, 3 seeds each
-# (~3 min a run), then the figure and the per-seed table.
+# (~2 min a run, after a ~10 min build of its base model), then the figure and the per-seed table.
 data/demo_length/model/config.json: | setup
 	@$(PY) data/demo_length.py --out data/demo_length
 
