@@ -939,7 +939,7 @@ def bench_gpu(argv):
 
     import checkpoint
     from loss import drgrpo_loss, token_logprobs
-    from model import build_policy
+    from model import build_policy, setup_distributed
     from packing import at_responses, balance, packed_row, per_response
     from rollout import make_engine
     from templates import render
@@ -956,21 +956,16 @@ def bench_gpu(argv):
     for k, v in (GPU_DRY_WORK if args.dry_run else GPU_WORK).items():
         setattr(args, k, v if getattr(args, k) is None else getattr(args, k))
     shape = GPU_DRY_SHAPE if args.dry_run else GPU_SHAPE
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    # A world of one, without torchrun: the trainer's code paths (FSDP2, DCP) want a process group.
+    # A world of one, without torchrun: the trainer's code paths (FSDP2, DCP) want a process group, set up as
+    # train.py sets it up (on a free port, so a training run on the same machine does not collide).
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         sys.exit("bench.py gpu: one process on one device; run it with python, not torchrun")
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    _, _, device = setup_distributed(threads=0, timeout_min=60)
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     peak_tf = gpu_peak_tflops(name, args.peak_tflops)
     out = args.out_dir or tempfile.mkdtemp(prefix="bench-gpu-")

@@ -527,7 +527,7 @@ def main(argv=None):
             batch = {k: torch.cat([v, more[k]]) if torch.is_tensor(v) else v + more[k] for k, v in batch.items()}
         engine.sleep()
         rows, comps, rewards, correct = batch["rows"], batch["comps"], batch["rewards"], batch["correct"]
-        t1 = t2 = time.time()  # grading runs inside each round; its time is logged with generation
+        t1 = time.time()  # grading runs inside each round: its time is split out of generation's below
         # 4. advantages per group (each rank holds whole groups); then every rank gets every response, because
         # the update splits by tokens, not by who generated what
         adv, adv_stats = advantages(rewards, cfg.group_size)                     # (B,)
@@ -642,7 +642,7 @@ def main(argv=None):
                "adv_std": adv_stats["adv_std"], "grader_timeouts": s["timeouts"],  # adv_std: rank 0's groups
                # real tokens / tokens the update paid for (each micro-step costs world x its busiest row)
                "update_token_efficiency": sum(map(sum, rows_tokens)) / (world * sum(map(max, rows_tokens))),
-               "t_generate": t1 - t0 - s["t_grade"] / world, "t_grade": s["t_grade"] / world, "t_train": t3 - t2,
+               "t_generate": t1 - t0 - s["t_grade"] / world, "t_grade": s["t_grade"] / world, "t_train": t3 - t1,
                "t_sync": t4 - t3,
                "tokens_per_s": s["len"] / (t4 - t0)}
         if cfg.dynamic_sampling:  # groups sampled but not trained on (all-equal rewards, or beyond the batch)
@@ -657,7 +657,7 @@ def main(argv=None):
                       f"len {rec['len_mean']:6.1f} (ok {rec['len_correct']:.0f} / bad {rec['len_incorrect']:.0f}) | "
                       f"trunc {rec['truncation_rate']:.2f} | clip {rec['clip_frac_low']:.3f}/{rec['clip_frac_high']:.3f} | "
                       f"ent {rec['entropy']:.3f} | gnorm {rec['grad_norm']:.3f} | mism {rec['logprob_mismatch']:.1e} | "
-                      f"t {t4 - t0:.1f}s (gen {rec['t_generate']:.1f} grade {rec['t_grade']:.1f} train {t3 - t2:.1f} "
+                      f"t {t4 - t0:.1f}s (gen {rec['t_generate']:.1f} grade {rec['t_grade']:.1f} train {t3 - t1:.1f} "
                       f"sync {t4 - t3:.1f})"
                       + (f" | drop {rec['dropped_group_frac']:.2f} x{rounds + 1}" if cfg.dynamic_sampling else "")
                       + (f" | eval {100 * rec['eval_accuracy']:.1f}%" if "eval_accuracy" in rec else "")
