@@ -85,6 +85,27 @@ def test_unknown_flag_is_an_error(capsys, monkeypatch):
     assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
 
 
+def test_help_describes_every_flag(capsys, monkeypatch):
+    """--help is generated from Config's field comments: every flag has a description and its default (a '%'
+    in a comment would break argparse's formatting), and --recipe names every recipe."""
+    from dataclasses import fields
+
+    import config
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    helps = config.field_help()
+    assert [f.name for f in fields(config.Config) if len(helps.get(f.name, "")) < 10] == []
+    with pytest.raises(SystemExit) as e:
+        train.parse_config(["--recipe", "cpu_demo", "--help"])
+    assert e.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in fields(config.Config):
+        assert f"--{f.name.replace('_', '-')} {f.type.__name__.upper()} {helps.get(f.name, '')[:20]}" in out
+    assert out.count("(default: ") == len(fields(config.Config))
+    assert "(default: 0.35)" in out and "(default: data/demo/model)" in out  # the recipe's defaults
+    assert all(f"{name}: " in out for name in config.RECIPES)
+    assert "sleep-level INT vLLM during the update: 2 drops its weights (the sync rewrites them), 1 keeps" in out
+
+
 def test_bad_row_fails_with_file_and_line(tmp_path, tiny_model_dir):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
