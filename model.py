@@ -29,13 +29,25 @@ def setup_distributed(threads: int, timeout_min: int):
                            "CUDA build (./setup.sh), or set CUDA_VISIBLE_DEVICES= to run on the CPU on purpose")
     if cuda:
         torch.cuda.set_device(local_rank)
-        # The only fp32 matmul on GPU is the output head on bf16 values (loss.py), which TF32 represents exactly.
-        torch.set_float32_matmul_precision("high")
-    else:  # 2 ranks on 2 cores: one torch thread each, or they fight over the cores
+    set_matmul_precision(torch.device("cuda" if cuda else "cpu"))
+    if not cuda:  # 2 ranks on 2 cores: one torch thread each, or they fight over the cores
         local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+# The trainer's float32 matmul precision by device. The only fp32 matmul on GPU is the output head on bf16
+# values (loss.py), which TF32 ("high") represents exactly.
+MATMUL_PRECISION = {"cuda": "high", "cpu": "highest"}
+
+
+def set_matmul_precision(device):
+    """Set the trainer's fp32 matmul precision (process-wide). Call it again once an engine exists: vLLM's
+    worker constructor (the CPU worker subclasses it) sets VLLM_FLOAT32_MATMUL_PRECISION, "highest" by
+    default, which would run the head at plain FP32 on a GPU. (Not through that variable: it would change
+    vLLM's own matmuls.)"""
+    torch.set_float32_matmul_precision(MATMUL_PRECISION[device.type])
 
 
 def visible_gpus() -> int:

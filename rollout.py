@@ -303,13 +303,12 @@ def make_engine(kind: str, model_path: str, **kw):
 
 
 def fsdp_full_tensors(model):
-    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, in the order of
-    model.named_parameters(). Tied weights appear once (named_parameters dedups), as in an HF checkpoint.
-
-    Gathering goes by FSDP module: unshard() all-gathers a decoder layer in ONE collective, where full_tensor()
-    per parameter would be ~12 (on gloo, most of the sync time). One module at a time, so no rank holds a second
-    full copy (beyond what the consumer keeps). Every rank iterates in the same order, to the end. Unsharded models
-    pass through."""
+    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, grouped by the
+    FSDP module that shards it: the root's (embeddings, final norm, head) first, then each layer's, each one
+    gathered ONCE (unshard(): one all-gather, where full_tensor() per parameter would be ~12 collectives; on
+    gloo most of the sync time). One module at a time, so no rank holds a second full copy (beyond what the
+    consumer keeps). Tied weights appear once, as in an HF checkpoint. Every rank iterates in the same order,
+    to the end. Unsharded models pass through."""
     from torch.distributed.fsdp import FSDPModule
     owner = {}  # parameter name -> (the innermost FSDP module that shards it, the name inside that module)
     for prefix, m in model.named_modules():  # outer modules first; inner ones overwrite their parameters
@@ -317,7 +316,10 @@ def fsdp_full_tensors(model):
             owner.update({f"{prefix}.{n}" if prefix else n: (m, n) for n, _ in m.named_parameters()})
     current = None
     # names listed up front: unshard() swaps in new parameter objects, which would defeat the tied-weight dedup
-    for name in [n for n, _ in model.named_parameters()]:
+    groups = {}  # owning module -> its parameters' names, modules in order of first appearance
+    for n, _ in model.named_parameters():
+        groups.setdefault(owner.get(n, (None,))[0], []).append(n)
+    for name in [n for names in groups.values() for n in names]:
         m, local = owner.get(name, (None, None))
         if m is not current:
             if current is not None:

@@ -132,6 +132,7 @@ class Run:
     world: int
     device: torch.device
     tokenizer: object
+    model_path: str        # the model's local directory (a hub model's is in the hub cache)
     model: object = None
     ref: object = None     # the reference model, only when the KL term is on (beta > 0)
     opt: object = None
@@ -161,7 +162,31 @@ def start_process(cfg: Config, parent: int):
     return rank, world, device
 
 
-def load_inputs(cfg: Config, device):
+def locate_model(name: str, download) -> str:
+    """The model's local directory. A name whose first component exists here (or that starts with /, . or ~)
+    is a local path, never a hub name; a hub name is fetched into the hub cache now, before the process
+    group exists, so no collective waits on a download (every rank calls it: the cache's file locks make
+    that safe, and quick once one rank has it)."""
+    if os.path.isdir(name):
+        return name
+    if name.startswith(("/", ".", "~")) or os.path.exists(name.split("/")[0]) or name.count("/") != 1:
+        fail(f"--model {name}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)")
+    try:
+        return download(name, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, a typo, no access: the hub's own exception types vary by version
+        fail(f"--model {name}: cannot download it ({str(e).strip().splitlines()[0][:200]})")
+
+
+# What the trainer, vLLM and eval.py read of a hub model (not its .bin / .gguf / .pt duplicates).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def hub_download(name: str, **kw) -> str:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name, **kw)
+
+
+def load_inputs(cfg: Config, model_path: str, device):
     """Everything that can be wrong with the engine choice, the model and the data, checked before anything is
     written. -> tokenizer, generation config, training questions, held-out questions."""
     import importlib.util
@@ -173,11 +198,9 @@ def load_inputs(cfg: Config, device):
         engine_kind(cfg.engine, device.type == "cuda", importlib.util.find_spec("vllm") is not None)
     except RuntimeError as e:
         fail(f"--engine {cfg.engine}: {e}")
-    if not os.path.isdir(cfg.model) and (cfg.model.startswith(("/", ".", "~")) or cfg.model.count("/") != 1):
-        fail(f"--model {cfg.model}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model)
-        generation_config = GenerationConfig.from_pretrained(cfg.model)
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        generation_config = GenerationConfig.from_pretrained(model_path)
     except (OSError, ValueError) as e:  # a hub name that cannot be fetched, a directory that is not a model
         fail(f"--model {cfg.model}: cannot load it ({str(e).strip().splitlines()[0][:200]})")
     qpath = cfg.questions if cfg.questions.endswith(".jsonl") else os.path.join(cfg.data_dir,
@@ -222,21 +245,22 @@ def context_length(cfg: Config) -> int:
 def build(run: Run, total_steps: int):
     """The grader pool, the policy (and the reference), the engine, AdamW and its schedule, into run."""
     from grader import GraderPool
-    from model import build_policy
+    from model import build_policy, set_matmul_precision
     from rollout import make_engine
     cfg = run.cfg
     # Grader workers first: forking after vLLM has started its OpenMP threads can hang.
     run.pool = GraderPool(workers=cfg.grader_workers, timeout=cfg.grader_timeout)
-    run.model = build_policy(cfg.model, run.device, cfg.seed, cfg.grad_checkpointing)
+    run.model = build_policy(run.model_path, run.device, cfg.seed, cfg.grad_checkpointing)
     if cfg.beta > 0:  # the reference model exists only when the KL term is on
-        run.ref = build_policy(cfg.model, run.device, cfg.seed, grad_checkpointing=False)
+        run.ref = build_policy(run.model_path, run.device, cfg.seed, grad_checkpointing=False)
         run.ref.eval().requires_grad_(False)
     # vLLM seeds the global RNGs when it starts: start it before a checkpoint restores them.
-    run.engine = make_engine(cfg.engine, cfg.model, seed=cfg.seed,
+    run.engine = make_engine(cfg.engine, run.model_path, seed=cfg.seed,
                              dtype="bfloat16" if run.device.type == "cuda" else "float32",
                              max_model_len=context_length(cfg),
                              gpu_memory_utilization=cfg.gpu_memory_utilization, colocated=True,
                              sleep_level=cfg.sleep_level)
+    set_matmul_precision(run.device)  # vLLM's worker set it process-wide to its own (plain fp32 on GPU)
     run.opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay)
     run.sched = make_scheduler(run.opt, cfg, total_steps)
@@ -638,14 +662,15 @@ def finish(logs: Logs, rec: dict, iterations: int):
 def main(argv=None):
     parent = os.getppid()  # torchrun, read before anything slow (it may die while we start up)
     cfg = parse_config(argv)
+    model_path = locate_model(cfg.model, hub_download)
     rank, world, device = start_process(cfg, parent)
     from templates import get_template
     template = get_template(cfg.template)
-    tokenizer, generation_config, questions, heldout = load_inputs(cfg, device)
+    tokenizer, generation_config, questions, heldout = load_inputs(cfg, model_path, device)
     latest = claim_out_dir(cfg, rank, world, device)  # only now is anything cleaned or written
     iterations = min(cfg.iterations, math.ceil(cfg.passes * len(questions) / cfg.rollout_batch))
     steps_per_iter = cfg.ppo_epochs * cfg.rollout_batch * cfg.group_size // cfg.train_batch
-    run = Run(cfg, rank, world, device, tokenizer)
+    run = Run(cfg, rank, world, device, tokenizer, model_path)
     build(run, iterations * steps_per_iter)
     start = resume(run, latest)
     logs = open_logs(run, heldout, start, iterations)

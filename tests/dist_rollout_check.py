@@ -30,6 +30,19 @@ def greedy(engine, prompts):
                                                     max_new_tokens=MAX_NEW)]
 
 
+def count_unshards(model) -> dict:
+    """Count each FSDP module's all-gathers (unshard calls), by module name ('' = the root)."""
+    from torch.distributed.fsdp import FSDPModule
+    counts = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, FSDPModule):
+            def counted(*args, _real=m.unshard, _name=prefix, **kw):
+                counts[_name] = counts.get(_name, 0) + 1
+                return _real(*args, **kw)
+            m.unshard = counted
+    return counts
+
+
 def main(model_dir: str, out_dir: str):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -71,9 +84,12 @@ def main(model_dir: str, out_dir: str):
     common = engine.generate([render("qwen_math", QUESTIONS[0])], n=2, temperature=1.0, top_p=1.0,
                              max_new_tokens=MAX_NEW, seeds=[7])[0]
 
-    # Gathered per module, yet every yielded tensor stays valid after its module is resharded again.
-    gathered = list(fsdp_full_tensors(model))
-    full_equal = all(torch.equal(t, p.full_tensor()) for (_, t), p in zip(gathered, model.parameters()))
+    # Gathered per module, each module once (the root too: it owns the embeddings AND the final norm / head),
+    # yet every yielded tensor stays valid after its module is resharded again.
+    counts = count_unshards(model)
+    gathered = dict(fsdp_full_tensors(model))
+    unshards = dict(counts)  # one sync's all-gathers
+    full_equal = all(torch.equal(gathered[n], p.full_tensor()) for n, p in model.named_parameters())
     ref = HFEngine(model_dir, seed=0, max_model_len=512, dtype="float32")
     ref.update_weights(fsdp_full_tensors(model))
     expected = greedy(ref, prompts)
@@ -81,7 +97,8 @@ def main(model_dir: str, out_dir: str):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(dict(rank=rank, world=world, prompts=prompts, before=before, after=after, expected=expected,
                        names=names, hf_names=[n for n, _ in ref.model.named_parameters()],
-                       n_local=n_local, full_equal=full_equal, n_full=n_full, nan_logprobs=engine.nan_logprobs,
+                       n_local=n_local, full_equal=full_equal, unshards=unshards, n_full=n_full,
+                       nan_logprobs=engine.nan_logprobs,
                        common=[c.token_ids for c in common]), f)
     # No destroy_process_group() here: vLLM destroys its own groups (built on ours) at exit, which fails
     # once the default group is gone.

@@ -251,7 +251,9 @@ def test_two_ranks_fsdp2_sync(tiny_model_dir, tmp_path):
     assert ranks[0]["prompts"] != ranks[1]["prompts"]  # each rank generated for its own shard
     for r in ranks:
         assert r["world"] == 2 and r["n_local"] < r["n_full"]  # the trainer's weights really were sharded
-        assert r["names"] == r["hf_names"]  # streamed under the HF names, each parameter once
+        assert sorted(r["names"]) == sorted(r["hf_names"])  # streamed under the HF names, each parameter once
+        assert r["names"][:2] == ["model.embed_tokens.weight", "model.norm.weight"]  # the root's, then layers
+        assert r["unshards"] == {"": 1, **{f"model.layers.{k}": 1 for k in range(len(r["unshards"]) - 1)}}
         assert r["full_equal"]  # each streamed tensor equals DTensor.full_tensor() of its parameter
         assert r["after"] != r["before"]  # the engine took the new weights ...
         assert r["after"] == r["expected"]  # ... exactly: transformers with the same weights agrees

@@ -342,3 +342,56 @@ def test_dynamic_sampling_with_nothing_to_learn(demo_model_dir, demo_data, tmp_p
     for r in recs:
         assert r["reward"] == 0 and r["trained_groups"] == 0 and r["dropped_group_frac"] == 1
         assert r["sampling_rounds"] == 2 and r["grad_norm"] == 0
+
+
+# ---- GPU paths exercised on CPU ----------------------------------------------------------------------------
+PRECISION_SCRIPT = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import model, rollout, train
+if __name__ == "__main__":
+    os.environ["MASTER_PORT"] = "29533"
+    # A stand-in for the GPU's TF32 choice: vLLM's CPU worker subclasses the GPU worker and resets it the same way.
+    model.MATMUL_PRECISION["cpu"] = "high"
+    cfg = train.parse_config(["--recipe", "cpu_demo", "--model", sys.argv[2], "--engine", "vllm"])
+    rank, world, device = model.setup_distributed(1, 5)
+    seen, make = [], rollout.make_engine
+    rollout.make_engine = lambda *a, **k: (e := make(*a, **k), seen.append(torch.get_float32_matmul_precision()))[0]
+    train.build(train.Run(cfg, rank, world, device, None, sys.argv[2]), total_steps=1)
+    print("precision", seen[0], torch.get_float32_matmul_precision())
+"""
+
+
+def test_trainer_matmul_precision_survives_the_engine(demo_model_dir, tmp_path):
+    """vLLM's worker sets torch's fp32 matmul precision process-wide when it starts; train.py sets the
+    trainer's choice again after make_engine (on a GPU: TF32 for the fp32 head, not plain FP32)."""
+    script = tmp_path / "precision.py"
+    script.write_text(PRECISION_SCRIPT)
+    p = subprocess.run([sys.executable, str(script), REPO, demo_model_dir], env=env(), capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split()[-3:] == ["precision", "highest", "high"]  # vLLM reset it; the trainer's is back
+
+
+def test_hub_model_is_fetched_before_the_process_group(monkeypatch, tmp_path):
+    """A hub name is downloaded (into the hub cache) before any collective exists, so no rank waits on it inside
+    one; a path whose first component exists here is local, never a hub name."""
+    import torch.distributed as dist
+    calls = []
+
+    def stand_in(name, **kw):  # a stand-in for huggingface_hub.snapshot_download
+        calls.append((name, dist.is_initialized(), "*.safetensors" in kw["allow_patterns"]))
+        raise OSError("offline (stand-in)")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(train, "hub_download", stand_in)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--model", "Org/model-7B"])
+    assert calls == [("Org/model-7B", False, True)]
+    assert str(e.value.code) == "train.py: --model Org/model-7B: cannot download it (offline (stand-in))"
+    assert train.locate_model("Org/model-7B", lambda name, **kw: "/cache/org-model") == "/cache/org-model"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(SystemExit) as e:
+        train.locate_model("runs/cpu_demo", stand_in)
+    assert "runs/cpu_demo: no such directory" in str(e.value.code) and len(calls) == 1
