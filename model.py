@@ -1,4 +1,5 @@
-"""The policy as the trainer holds it: a transformers causal LM, sharded with FSDP2, reading packed rows.
+"""The process group, and the policy as the trainer holds it: a transformers causal LM, sharded with FSDP2,
+reading packed rows.
 
     register_packed_attention()
     model = build_policy("Qwen/Qwen2.5-Math-7B", device, seed=42, grad_checkpointing=True)
@@ -9,6 +10,7 @@ whole row. On GPU with flash-attn installed that is its varlen kernel; everywher
 """
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -35,6 +37,44 @@ def setup_distributed(threads: int, timeout_min: int):
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local_world))
     dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_min))
     return dist.get_rank(), dist.get_world_size(), torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def exit_with_parent(parent: int):
+    """torchrun starts its ranks in their own sessions: killing torchrun's process group (a scheduler, a
+    closed terminal) does not reach them. A daemon thread watches the parent and, once it is gone, kills this
+    rank's process group (itself and its grader workers). A checkpoint being written stays .tmp-step_N
+    (removed later)."""
+    import signal
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        if os.getpgid(0) == os.getpid():  # a group of our own (torchrun's ranks): workers and all
+            os.killpg(0, signal.SIGKILL)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def all_sum(values: dict, device) -> dict:
+    """Sum named numbers (floats or 0-d tensors) over ranks: metrics go as sums and counts, then divided."""
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(values, t.tolist()))
+
+
+def gather_all(obj, world: int) -> list:
+    """Every rank's obj, in rank order (any picklable value; a list of one on a single process)."""
+    if world == 1:
+        return [obj]
+    parts = [None] * world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+def print0(*args, rank: int = 0):
+    if rank == 0:
+        print(*args, flush=True)
 
 
 # The trainer's float32 matmul precision by device. The only fp32 matmul on GPU is the output head on bf16

@@ -21,11 +21,11 @@ from dataclasses import dataclass, fields
 # Quiet by default (the user's environment wins): vLLM's CPU build warns about NUMA binding from C++ at start.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
 
 import checkpoint  # noqa: E402
 import loss as L  # noqa: E402
-from config import RECIPES, Config, check_config, fail, parse_config, resume_error  # noqa: E402, F401
+from config import Config, fail, parse_config, resume_error  # noqa: E402
+from model import all_sum, exit_with_parent, gather_all, print0  # noqa: E402
 from packing import at_responses, balance, packed_row, per_response, responses  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
@@ -75,48 +75,6 @@ def request_seed(seed: int, iteration: int, position: int, round_: int = 0) -> i
     the end of a pass) must get two different groups, not the same one twice. Dynamic sampling's rounds are
     apart."""
     return (seed * 1_000_003 + iteration * 7_919 + position + round_ * 1_000_000_007) % (2 ** 31 - 1)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Distributed helpers: one process group, the same code with one CPU process or 8 GPUs.
-
-
-def exit_with_parent(parent: int):
-    """torchrun starts its ranks in their own sessions: killing torchrun's process group (a scheduler, a
-    closed terminal) does not reach them. A daemon thread watches the parent and, once it is gone, kills this
-    rank's process group (itself and its grader workers). A checkpoint being written stays .tmp-step_N
-    (removed later)."""
-    import signal
-    import threading
-
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        if os.getpgid(0) == os.getpid():  # a group of our own (torchrun's ranks): workers and all
-            os.killpg(0, signal.SIGKILL)
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
-def all_sum(values: dict, device) -> dict:
-    """Sum named numbers (floats or 0-d tensors) over ranks: metrics go as sums and counts, then divided."""
-    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(values, t.tolist()))
-
-
-def gather_all(obj, world: int) -> list:
-    """Every rank's obj, in rank order (any picklable value; a list of one on a single process)."""
-    if world == 1:
-        return [obj]
-    parts = [None] * world
-    dist.all_gather_object(parts, obj)
-    return parts
-
-
-def print0(*args, rank: int = 0):
-    if rank == 0:
-        print(*args, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------------------
