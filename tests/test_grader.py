@@ -33,7 +33,7 @@ def test_hand_labelled_cases():
 
 
 def test_generated_sets(shared_data):
-    from bench import grader_sets
+    from benchmarks.grader import grader_sets
     path = os.path.join(shared_data, "train", "math12k.jsonl")
     sets = grader_sets(path, per_kind=40)
     assert sets == grader_sets(path, per_kind=40)  # deterministic
