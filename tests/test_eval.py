@@ -13,16 +13,18 @@ from conftest import REPO
 
 import eval as ev
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1"}
 SUMMARY_KEYS = {"n_problems", "n_samples", "accuracy", "format_rate", "lenient_accuracy", "mean_length",
                 "truncation_rate", "reflection_rate", "reflection_question_rate"}
 RECORD_KEYS = {"benchmark", "problem", "gold", "response", "extracted", "reward", "lenient", "length",
                "truncated", "template"}
 
 
-def run_cli(*args, timeout=600):
-    return subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), *args], capture_output=True, text=True,
-                          env=ENV, cwd=REPO, timeout=timeout)
+def run_cli(*args, timeout=600, cwd=REPO, ranks=0):
+    """eval.py in a subprocess; ranks > 0: under a real torchrun with that many ranks."""
+    launch = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] if ranks else []
+    return subprocess.run([sys.executable, *launch, os.path.join(REPO, "eval.py"), *args],
+                          capture_output=True, text=True, env=ENV, cwd=cwd, timeout=timeout)
 
 
 def table_rows(stdout: str) -> dict:
@@ -105,10 +107,14 @@ def test_resolve_model_run_dir_and_template(tmp_path):
 
 # ---- error lines -------------------------------------------------------------------------------------------
 
-def one_line_error(res, *fragments):
+def one_line_error(res, *fragments, torchrun=False):
     assert res.returncode != 0
-    assert "Traceback" not in res.stderr
-    lines = res.stderr.strip().splitlines()
+    if torchrun:  # torchrun adds its own failure block, which names no line of eval.py
+        assert 'eval.py", line' not in res.stderr, res.stderr[-3000:]
+        lines = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("eval.py: ")]
+    else:
+        assert "Traceback" not in res.stderr
+        lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("eval.py: "), res.stderr
     for f in fragments:
         assert f in lines[0], lines[0]
@@ -136,6 +142,11 @@ def test_error_lines(tmp_path, shared_data, tiny_model_dir):
     records.write_text(json.dumps(dict(problem="1+1?", gold="2", response="\\boxed{2}", length=3, truncated=False,
                                        template="r2")) + "\n")
     one_line_error(run_cli("--regrade", str(records), "--workers", "0"), "unknown template 'r2'")
+
+
+def test_tp_refused_under_torchrun(tiny_model_dir):
+    one_line_error(run_cli(tiny_model_dir, "--tp", "2", ranks=2, timeout=120), "--tp 2 under torchrun",
+                   torchrun=True)
 
 
 # ---- regrade -----------------------------------------------------------------------------------------------
@@ -224,3 +235,33 @@ def test_eval_run_dir_sampled_pass_at_k(tmp_path, shared_data, tiny_model_dir):
         s = saved["results"][b]
         assert s["pass@1"] == pytest.approx(s["accuracy"])  # every problem has 4 samples
         assert s["pass@1"] <= s["pass@2"] <= s["pass@4"]
+
+
+def test_torchrun_two_ranks_equal_one(tmp_path, demo_model_dir):
+    """2 ranks, each its own engine on every other row: the same table and records, in order, as 1 process;
+    rank 0 alone writes. Uneven shards (4 + 3 rows) over two benchmarks; greedy, as the paper's protocol."""
+    with open(os.path.join(os.path.dirname(demo_model_dir), "heldout.jsonl")) as f:
+        rows = f.readlines()[:7]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text("".join(rows[:4]))
+    (data / "b.jsonl").write_text("".join(rows[4:]))
+    args = [demo_model_dir, "--data-dir", str(data), "--benchmarks", "a,b", "--max-new-tokens", "24",
+            "--engine", "vllm", "--eager", "--workers", "1"]
+    one = run_cli(*args, "--out", str(tmp_path / "one" / "res.json"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run_cli(*args, "--out", str(tmp_path / "two" / "res.json"), ranks=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "| 2 ranks" in two.stdout
+    assert two.stdout.count("benchmark ") == 1 and two.stdout.count("wrote ") == 1  # rank 0 alone
+    assert table_rows(two.stdout) == table_rows(one.stdout)
+    assert table_rows(one.stdout)["a"]["n"] == 4 and table_rows(one.stdout)["avg"]["n"] == 7
+    records = {k: [json.loads(line) for line in open(tmp_path / k / "res.samples.jsonl")]
+               for k in ("one", "two")}
+    assert records["two"] == records["one"]
+    assert [r["problem"] for r in records["one"]] == [json.loads(r)["problem"] for r in rows]
+    assert 0 < sum(r["reward"] for r in records["one"]) < 7  # some right, some wrong: a real comparison
+    results = {k: json.loads((tmp_path / k / "res.json").read_text()) for k in ("one", "two")}
+    assert results["two"]["results"] == results["one"]["results"]
+    assert results["two"]["settings"]["ranks"] == 2 and results["one"]["settings"]["ranks"] == 1
+    assert sorted(os.listdir(tmp_path / "two")) == ["res.json", "res.samples.jsonl"]
