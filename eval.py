@@ -148,7 +148,8 @@ def read_jsonl(path: str, required: tuple) -> list:
 
 
 def resolve_model(path: str, template):
-    """(model path for the engine, template name). A run dir means its latest complete step_* checkpoint."""
+    """(model path for the engine, template name). A run dir means its latest complete step_* checkpoint.
+    A path under an existing dir (or starting with /, ., ~) is local: missing, it is never a hub name."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             steps = sorted((int(m.group(1)), d) for d in os.listdir(path)
@@ -163,8 +164,10 @@ def resolve_model(path: str, template):
                     template = json.load(f)["template"]
             except (OSError, ValueError, KeyError, TypeError) as e:
                 fail(f"unreadable checkpoint config {cfg_file} ({type(e).__name__}: {e})")
-    elif os.path.exists(path) or path.startswith((".", "/", "~")) or path.endswith("/"):
+    elif os.path.exists(path):
         fail(f"{path} is not a model directory")
+    elif path.startswith((".", "/", "~")) or path.endswith("/") or os.path.exists(path.split("/")[0]):
+        fail(f"{path}: no such directory")
     # else: a hub name such as Qwen/Qwen2.5-Math-7B, resolved by the engine.
     if (template or DEFAULT_TEMPLATE) not in TEMPLATES:
         fail(f"unknown template {template!r}; choose from {', '.join(TEMPLATES)}")
@@ -222,6 +225,9 @@ def check_model(model_path: str, tname: str, rows: list, max_new_tokens: int):
         context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None) or 10**9
     except Exception as e:
         fail_to_load(model_path, e)
+    if not tokenizer("1 + 1 = 2")["input_ids"]:  # e.g. no tokenizer files: a vocabulary-less Qwen2Tokenizer
+        fail(f"{model_path} has no usable tokenizer (text encodes to no tokens): expected tokenizer.json (or "
+             "vocab.json + merges.txt) and tokenizer_config.json, as in the base model")
     longest = max([len(tokenizer(render(tname, r["problem"], tokenizer))["input_ids"]) for r in rows] + [0])
     if longest >= context:  # scoring such problems 0 would quietly change the benchmark
         fail(f"a prompt of {longest} tokens does not fit the model's context of {context} tokens")

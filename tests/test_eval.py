@@ -6,6 +6,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -142,6 +143,27 @@ def test_error_lines(tmp_path, shared_data, tiny_model_dir):
     records.write_text(json.dumps(dict(problem="1+1?", gold="2", response="\\boxed{2}", length=3, truncated=False,
                                        template="r2")) + "\n")
     one_line_error(run_cli("--regrade", str(records), "--workers", "0"), "unknown template 'r2'")
+
+
+def test_missing_local_path_is_never_a_hub_name(tmp_path, shared_data):
+    """runs/cpu_demo before the run exists: runs/ is here, so a local path (no 50 s of hub retries)."""
+    (tmp_path / "runs").mkdir()
+    data = os.path.join(shared_data, "eval")
+    for path in ("runs/cpu_demo", "./cpu_demo", str(tmp_path / "nowhere" / "ckpt")):
+        t0 = time.time()
+        one_line_error(run_cli(path, "--data-dir", data, "--limit", "1", cwd=tmp_path),
+                       f"{path}: no such directory")
+        assert time.time() - t0 < 15
+
+
+def test_checkpoint_without_tokenizer_files(tmp_path, shared_data, tiny_model_dir):
+    """A tokenizer with no vocabulary encodes every prompt to []: one line, before any engine starts."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model_dir, ckpt, ignore=shutil.ignore_patterns("tokenizer*"))
+    t0 = time.time()
+    one_line_error(run_cli(str(ckpt), "--data-dir", os.path.join(shared_data, "eval"), "--limit", "1",
+                           "--engine", "vllm"), "has no usable tokenizer", "tokenizer.json")
+    assert time.time() - t0 < 30
 
 
 def test_tp_refused_under_torchrun(tiny_model_dir):
