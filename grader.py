@@ -21,6 +21,7 @@ MAX_RESPONSE_CHARS (1 MB) is cut to its last 1 MB: a direct call returns within 
 worker whose response runs past the time limit (default 1 s); that response scores 0. An int or float gold or
 response (read from a jsonl) is converted to str; any other type is a TypeError, never a silent 0.
 """
+import contextlib
 import functools
 import math
 import multiprocessing as mp
@@ -57,9 +58,10 @@ BRACE = re.compile(r"[{}]")
 FINAL = re.compile(r"final answer(?: is)?|the answer is|(?<!\w)answer\s*:|####", re.I)
 MATH_SPAN = re.compile(r"\$+([^$]+)\$+|\\\((.+?)\\\)|\\\[(.+?)\\\]")
 SENTENCE_END = re.compile(r"[.!](?:\s|$)|\n")
-# A sentence's values (math spans; numbers not in a word or a LaTeX argument: H2O, x^2, {3}) and what states them.
-CLOSING = re.compile(MATH_SPAN.pattern + r"|(?<![\w.{^_\\])(-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?)(?![\w}])|"
-                     r"(\b(?:is|are|was|equals?|be)\b|=)")
+# A sentence's values (math spans; numbers standing alone: in no word, path, identifier or LaTeX argument, nor
+# hyphened to one, as in H2O, v2, x_0, user-0, /tmp/0/, n/2, x^2, {3}) and what states them.
+CLOSING = re.compile(MATH_SPAN.pattern + r"|(?<![\w.{^_\\/-])(-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?)(?![\w}/])"
+                     r"|(\b(?:is|are|was|equals?|be)\b|=)")
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|im_start|>", "<|eot_id|>", "</s>")  # a model may write on
 # A finished response ends with a full stop, a formula, or a number and <= 2 words (= 18 dollars), not mid-sentence.
 CONCLUDED = re.compile(r"(?:[.!)\]}$*]|\d(?:\s+(?!(?:and|or|then|but|so|which|to|by|the|is|we|of|plus|minus|times)\b)"
@@ -185,8 +187,7 @@ def _repeating(m) -> str:
 def _clean(s: str) -> str:
     """Presentation -> canonical text. Single spaces stay: the parser needs them between commands (\\pi r)."""
     for a, b in REPLACE:
-        if a in s:
-            s = s.replace(a, b)
+        s = s.replace(a, b)
     s = re.sub(r"[^\d.-]", "", s) if GROUPED.fullmatch(s.strip()) else s  # while 1,\! 000 differs from 1, 000
     s = REPEATING.sub(_repeating, SPACING.sub(lambda m: SPACE_AS.get(m.group(), " "), s))
     s = FORMAT_CMD.sub(r"\1", TEXT_SEP.sub(",", MATRIX_END.sub("}", MATRIX_BEGIN.sub(r"\\mat{", s))))
@@ -650,27 +651,29 @@ def grade_item(task: str, template, response: str, gold):
 
 def _worker(conn, progress, fn):
     """Grade chunks; progress = [index, start time] of the response being graded lets the parent kill a hung one."""
-    while (msg := conn.recv()) is not None:
-        task, template, items = msg
-        out = []
+    while True:  # until killed
+        task, template, items = conn.recv()
+        out, errors = [], 0
         for k, (response, gold) in enumerate(items):
             progress[1], progress[0] = time.monotonic(), k  # time first (the parent reads the index first)
             try:
                 out.append(fn(task, template, response, gold))
-            except Exception:  # a grader bug scores 0; it never takes the batch down
+            except Exception:  # a grader bug scores 0 and is counted; it never takes the batch down
                 out.append(False if task == "grades" else (0.0, False))
-        conn.send(out)
+                errors += 1
+        conn.send((out, errors))
 
 
-class GraderPool:
+class GraderPool(contextlib.AbstractContextManager):
     """Grades many responses in worker processes, order preserved, with a hard per-response time limit: a worker
     whose response runs past `timeout` s is killed, the response scores 0, a fresh worker takes its place and the
-    rest of its chunk is queued again. "forkserver", never fork: create the pool before vLLM (forking a process
-    with OpenMP threads can hang). workers=0 grades in-process, no time limit (debugging). `fn` is what workers
-    run per response: grade_item, unless a test injects a function that really hangs to exercise the kill path."""
+    rest of its chunk is queued again; workers dying at start-up 3 times in a row raise. "forkserver", never
+    fork: create the pool before vLLM (forking with OpenMP threads can hang). workers=0 grades in-process, no
+    time limit (debugging). `fn` (what workers run per response) is grade_item, or a test's faulty one."""
 
     def __init__(self, workers: int = 2, timeout: float = 1.0, chunk: int = 64, fn=grade_item):
-        self.timeout, self.chunk, self.fn, self.timeouts = timeout, chunk, fn, 0
+        self.timeout, self.chunk, self.fn = timeout, chunk, fn
+        self.timeouts = self.errors = 0  # cumulative: responses killed (hung or died in), grader exceptions
         self._ctx = mp.get_context("forkserver")
         self._ctx.set_forkserver_preload(["grader"])  # workers fork from a server that has imported us once
         self._slots = [self._start() for _ in range(workers)]
@@ -700,50 +703,48 @@ class GraderPool:
         results = [False if task == "grades" else (0.0, False)] * len(items)  # what a killed response scores
         size = max(1, min(self.chunk, -(-len(items) // (2 * len(self._slots)))))  # one IPC message per chunk
         queue, busy = deque((s, items[s:s + size]) for s in range(0, len(items), size)), {}  # busy: w -> chunk
+        dead = 0  # workers in a row that died before beginning a response
         while queue or busy:
             for w, (_, conn, progress) in enumerate(self._slots):
                 if w not in busy and queue:
                     progress[1], progress[0] = math.inf, -1
                     busy[w] = queue.popleft()
-                    conn.send((task, template, busy[w][1]))
+                    with contextlib.suppress(OSError):  # a worker dead already is seen below, as end of file
+                        conn.send((task, template, busy[w][1]))
             deadline = min(self._slots[w][2][1] for w in busy) + self.timeout
             ready = wait([self._slots[w][1] for w in busy], timeout=min(1.0, max(0.0, deadline - time.monotonic())))
             for w in list(busy):
                 proc, conn, progress = self._slots[w]
                 out = None
                 if conn in ready:
-                    try:
+                    with contextlib.suppress(EOFError, OSError):  # it died (out of memory?): as if it hung
                         out = conn.recv()
-                    except (EOFError, OSError):  # the worker died (out of memory?): same as a hang
-                        pass
                 elif time.monotonic() - progress[1] <= self.timeout:
                     continue
                 offset, chunk = busy.pop(w)
                 if out is not None:
-                    results[offset:offset + len(out)] = out
+                    results[offset:offset + len(out[0])] = out[0]
+                    self.errors, dead = self.errors + out[1], 0
                     continue
-                k = max(0, int(progress[0]))  # the response it hangs on; the results before it died with it
+                k = int(progress[0])  # the response it hangs on, -1 if none; those before it died with it
+                dead = 0 if k >= 0 else dead + 1
+                if dead == 3:  # never a silent 0 for every response
+                    raise RuntimeError("grader workers died at start-up 3 times in a row (see above): they "
+                                       "re-import __main__: run from a file, not stdin or a notebook cell")
                 proc.kill()
                 proc.join()
                 conn.close()
-                self._slots[w], self.timeouts = self._start(), self.timeouts + 1
-                queue.extendleft(c for c in ((offset + k + 1, chunk[k + 1:]), (offset, chunk[:k])) if c[1])
+                self._slots[w], self.timeouts = self._start(), self.timeouts + (k >= 0)
+                done = chunk[:max(k, 0)]  # graded, but its results died with the worker
+                queue.extendleft(c for c in ((offset + k + 1, chunk[k + 1:]), (offset, done)) if c[1])
         return results
 
     def close(self):
-        for proc, conn, _ in self._slots:
-            try:
-                conn.send(None)
-                proc.join(timeout=2)
-            except OSError:
-                pass
+        for proc, conn, _ in self._slots:  # nothing to flush: a worker holds only its pipe
             proc.kill()
             proc.join()
             conn.close()
         self._slots = []
-
-    def __enter__(self):
-        return self
 
     def __exit__(self, *exc):
         self.close()

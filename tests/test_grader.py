@@ -6,6 +6,8 @@ import collections
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -97,8 +99,10 @@ PAYLOADS = [
 
 
 def test_payloads_are_never_executed(tmp_path, monkeypatch):
-    """Payloads in every extraction path leave no file, score 0, and Python's code runners are never reached."""
-    target = str(tmp_path / "pwned")
+    """Payloads in every extraction path leave no file, score 0, and Python's code runners are never reached.
+    The target is relative to an empty cwd: no digit of the machine's temp path (pytest-0) is in a response."""
+    monkeypatch.chdir(tmp_path)  # workers start in the parent's cwd: a payload run anywhere would write here
+    target = "pwned"
     calls = []
     for name in ("ev" + "al", "ex" + "ec", "compile"):
         real = getattr(builtins, name)
@@ -109,11 +113,11 @@ def test_payloads_are_never_executed(tmp_path, monkeypatch):
             for template in ("qwen_math", "r1", "open-reasoner-zero"):
                 assert reward(resp, gold, template) in (0.0, 1.0)
             grade(resp, gold)
-    assert calls == [] and not os.path.exists(target)
+    assert calls == [] and os.listdir(tmp_path) == []
     with GraderPool(workers=1) as pool:
         assert [r for r, _ in pool.rewards(responses, ["0"] * len(responses), "qwen_math")] == [0.0] * len(responses)
         assert not any(pool.grades(responses, ["0"] * len(responses)))
-    assert not os.path.exists(target)
+    assert os.listdir(tmp_path) == []
     source = open(grader.__file__).read()
     for token in ("ev" + "al(", "ex" + "ec(", "symp" + "ify(", "parse" + "_expr("):
         assert token not in source
@@ -185,6 +189,42 @@ def test_pool_kills_hung_worker_keeps_size_and_order():
         assert out == expect
         assert pool.grades(["\\boxed{1}", "SLOW", "x = 7"], ["1", "1", "7"]) == [True, False, True]
         assert pool.timeouts == 3 and sum(proc.is_alive() for proc, _, _ in pool._slots) == 2
+
+
+# A grader bug (an exception) scores 0 and is counted; a worker that dies on a response (out of memory?) is
+# replaced, and that response scores 0.
+def faulty_grader(task, template, response, gold):
+    if response.startswith("RAISE"):
+        raise ValueError("a grader bug")
+    if response.startswith("DIE"):
+        os._exit(1)
+    return grader.grade_item(task, template, response, gold)
+
+
+def test_pool_counts_errors_and_replaces_a_worker_that_dies_later():
+    responses, golds = [f"so \\boxed{{{k}}}" for k in range(16)], [str(k) for k in range(16)]
+    for k in (2, 9, 14):
+        responses[k] = f"RAISE \\boxed{{{k}}}"
+    with GraderPool(workers=2, chunk=4, fn=faulty_grader) as pool:
+        assert pool.grades(responses, golds) == [k not in (2, 9, 14) for k in range(16)]
+        assert pool.errors == 3 and pool.timeouts == 0
+        responses[5] = "DIE \\boxed{5}"  # second chunk of four: response 4 is graded again, then 6 and 7
+        assert pool.grades(responses, golds) == [k not in (2, 5, 9, 14) for k in range(16)]
+        assert pool.errors == 6 and pool.timeouts == 1
+        assert sum(proc.is_alive() for proc, _, _ in pool._slots) == 2
+
+
+def test_pool_started_from_stdin_raises_one_clear_error(tmp_path):
+    """Workers re-import __main__, which a script fed on stdin lacks: one clear error, not all-False grades."""
+    script = (f"import sys; sys.path.insert(0, {os.path.dirname(HERE)!r})\nfrom grader import GraderPool\n"
+              "with GraderPool(workers=2) as pool:\n    print(pool.grades(['1'] * 8, ['1'] * 8))\n")
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path,
+                         timeout=120)
+    assert run.returncode != 0 and run.stdout == "" and time.perf_counter() - t0 < 60
+    assert run.stderr.strip().splitlines()[-1] == (
+        "RuntimeError: grader workers died at start-up 3 times in a row (see above): they re-import __main__: "
+        "run from a file, not stdin or a notebook cell")
 
 
 def test_pool_matches_in_process_and_preserves_order():
@@ -264,6 +304,10 @@ def test_lenient_extraction_per_family():
     assert lenient_answer("<think>\nSo 6 \\times 7 = 42") is None  # an unclosed <think>
     assert lenient_answer("<think>6 \\times 7 = 42</think>\nThe product is 42.") == "42"
     assert not grade("We get 4 + 5 = 9, and next", "9") and grade("We get 4 + 5 = 9.", "9")
+    assert not grade("The answer is open('/home/user-0/x')", "0")  # a number inside a path is not stated
+    for text in ("So it is x_0.", "It is user-0.", "We use v2.", "It is in /tmp/pytest-0/ now.", "It is n/2."):
+        assert lenient_answer(text) is None, text
+    assert lenient_answer("So it is -3.") == "-3" and lenient_answer("Thus x = 3/4.") == "3/4"
 
 
 def test_tiny_exact_values_are_not_zero():
