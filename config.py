@@ -6,6 +6,7 @@ that stop a bad setting with one line naming the flag, before any work starts.
 """
 import argparse
 import dataclasses
+import difflib
 import inspect
 import os
 import re
@@ -132,17 +133,29 @@ def recipe_help() -> str:
                                                   for n, c in changes.items())
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line of ours, printed once (fail), with the nearest flag for a misspelt
+    one, instead of its usage block per rank."""
+    def error(self, message):
+        flags = [f for action in self._actions for f in action.option_strings]
+        given = re.findall(r"--[\w-]+", message)
+        near = difflib.get_close_matches(given[0], flags, n=1) if given and given[0] not in flags else []
+        hint = "; python train.py --help lists every flag" if "unrecognized" in message else ""
+        fail(message + (f" (did you mean {near[0]}?)" if near else "") + hint)
+
+
 def parse_config(argv=None) -> Config:
     """CLI flags > recipe > dataclass defaults. Unknown flags and bad values stop with one line."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = Parser(add_help=False, allow_abbrev=False)
     pre.add_argument("--recipe", default=Config.recipe)
     known, _ = pre.parse_known_args(argv)
     if known.recipe not in RECIPES:
         fail(f"--recipe {known.recipe!r} is not one of {', '.join(RECIPES)}")
     defaults = {f.name: f.default for f in fields(Config)} | RECIPES[known.recipe] | {"recipe": known.recipe}
-    p = argparse.ArgumentParser(usage="train.py [--flag VALUE ...]  (torchrun --nproc_per_node N train.py ...)",
-                                description="R1-Zero RL with Dr. GRPO / GRPO / DAPO (README.md). Defaults: "
-                                "the paper's 7B recipe, or those of --recipe.")
+    p = Parser(usage="train.py [--flag VALUE ...]  (torchrun --nproc_per_node N train.py ...)",
+               allow_abbrev=False,  # --iter would silently mean --iterations; --eval, one of six flags
+               description="R1-Zero RL with Dr. GRPO / GRPO / DAPO (README.md). Defaults: "
+                           "the paper's 7B recipe, or those of --recipe.")
     helps = field_help() | {"recipe": recipe_help()}
     for f in fields(Config):
         flag = "--" + f.name.replace("_", "-")

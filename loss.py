@@ -95,11 +95,26 @@ def token_logprobs(model, input_ids, attention_mask, targets_mask, temperature: 
 
 
 # ---- shared by both objectives ---------------------------------------------------------------------------------
-def advantage_stats(rewards, adv) -> dict:
-    """rewards, adv: (n_groups, G). Logged once per batch."""
-    zero = (rewards.amax(1) == rewards.amin(1)).float()  # all-equal groups: no learning signal
-    return {"adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_min": adv.min().item(),
-            "adv_max": adv.max().item(), "zero_adv_group_frac": zero.mean().item()}
+def shape_rewards(correct, formatted, truncated, lengths, max_new_tokens: int, overlong_penalty: int,
+                  format_reward: float):
+    """Training reward from the grader's 0/1, plus format_reward for the template's format: a truncated
+    response gets 0 (it never finished its answer), and with DAPO's soft overlong penalty the reward falls
+    linearly to -1 over the last `overlong_penalty` tokens."""
+    rewards = torch.where(truncated, 0.0, correct + format_reward * formatted)  # (B,)
+    if overlong_penalty:
+        rewards = rewards - (lengths - (max_new_tokens - overlong_penalty)).clamp(min=0) / overlong_penalty
+    return rewards
+
+
+def by_response(rewards, adv):
+    """rewards, adv: (n_groups, G) -> advantages (B,) and their stats (logged once per batch). A group whose
+    rewards are all equal gets exactly 0: its mean is rounded (1.2 is not a float), and GRPO's division by
+    std + eps would blow the rounding up to +-0.1 of noise to train on."""
+    equal = rewards.amax(1, keepdim=True) == rewards.amin(1, keepdim=True)       # (n_groups, 1)
+    adv = torch.where(equal, 0.0, adv)                                           # (n_groups, G)
+    stats = {"adv_mean": adv.mean().item(), "adv_std": adv.std().item(), "adv_min": adv.min().item(),
+             "adv_max": adv.max().item(), "zero_adv_group_frac": equal.float().mean().item()}
+    return adv.view(-1), stats
 
 
 def policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp, tis_cap,
@@ -146,7 +161,7 @@ def grpo_advantages(rewards, group_size: int):
     r = rewards.float().view(-1, group_size)                                     # (B/G, G)
     # Bias 1 (question difficulty): scale by the group's std, unbiased (Bessel), + STD_EPS.
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + STD_EPS)     # (B/G, G)
-    return adv.view(-1), advantage_stats(r, adv)
+    return by_response(r, adv)
 
 
 def grpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, eps_low=0.2, eps_high=0.2, beta=0.0,
@@ -168,7 +183,7 @@ def drgrpo_advantages(rewards, group_size: int):
     r = rewards.float().view(-1, group_size)                                     # (B/G, G)
     # No bias 1: the mean baseline only, never divided by the group's std.
     adv = r - r.mean(1, keepdim=True)                                            # (B/G, G)
-    return adv.view(-1), advantage_stats(r, adv)
+    return by_response(r, adv)
 
 
 def drgrpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, max_new_tokens: int, eps_low=0.2, eps_high=0.2,
@@ -189,7 +204,7 @@ def dapo_advantages(rewards, group_size: int):
     r = rewards.float().view(-1, group_size)                                     # (B/G, G)
     # Bias 1 kept: DAPO scales by the group's std, as GRPO does.
     adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + STD_EPS)     # (B/G, G)
-    return adv.view(-1), advantage_stats(r, adv)
+    return by_response(r, adv)
 
 
 def dapo_loss(logp, old_logp, adv, seq, mask, n_tokens: int, eps_low=0.2, eps_high=0.2, beta=0.0,

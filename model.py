@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from config import fail
+
 
 def setup_distributed(threads: int, timeout_min: int):
     """One process group for every case: torchrun's ranks, or plain `python train.py` (a world of one). Returns
@@ -75,6 +77,38 @@ def gather_all(obj, world: int) -> list:
 def print0(*args, rank: int = 0):
     if rank == 0:
         print(*args, flush=True)
+
+
+def locate_model(name: str, download) -> str:
+    """The model's local directory. A name whose first component exists here (or that starts with /, . or ~)
+    is a local path, never a hub name; a hub name is fetched into the hub cache now, before the process
+    group exists, so no collective waits on a download (every rank calls it: the cache's file locks make
+    that safe, and quick once one rank has it)."""
+    if os.path.isdir(name):
+        return name
+    if name.startswith(("/", ".", "~")) or os.path.exists(name.split("/")[0]) or name.count("/") != 1:
+        fail(f"--model {name}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)")
+    try:
+        return download(name, allow_patterns=HUB_FILES)
+    except Exception as e:  # offline, a typo, no access: the hub's own exception types vary by version
+        fail(f"--model {name}: cannot download it ({str(e).strip().splitlines()[0][:200]})")
+
+
+# What the trainer, vLLM and eval.py read of a hub model (not its .bin / .gguf / .pt duplicates).
+HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def hub_download(name: str, **kw) -> str:
+    from huggingface_hub import snapshot_download
+    return snapshot_download(name, **kw)
+
+
+def zero_grads(model):
+    """Zero gradients, each with its parameter's sharding (a DTensor like it): an optimizer step with nothing
+    to compute on any rank still steps AdamW (momentum, step count), as the zero gradient of its responses
+    would; a None gradient would make AdamW skip the parameter instead."""
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
 
 
 # The trainer's float32 matmul precision by device. The only fp32 matmul on GPU is the output head on bf16

@@ -21,6 +21,14 @@ def responses(prompt_ids: list, completions: list, adv, keep, informative, round
                                                      informative.tolist(), round_.tolist())]
 
 
+def trains(seq: dict, beta: float) -> bool:
+    """Whether a response can move the gradient at all. One the overlong filter keeps out of the loss cannot
+    (its KL term is masked too); with beta = 0 neither can one whose advantage is exactly 0 (every response of
+    an all-equal group): its per-token loss is -0 x ratio, whatever the ratio, clip or TIS weight. The update
+    leaves such responses out of its rows (they still count in N)."""
+    return seq["keep"] and (beta > 0 or seq["adv"] != 0)
+
+
 def balance(lengths: dict, world: int, max_tokens: int) -> list:
     """Split one optimizer minibatch {sequence: tokens} over ranks and micro-steps: plan[step][rank] is the list
     of sequences one rank packs into one row at that step. Ranks get equal tokens, not equal counts (longest
@@ -45,7 +53,7 @@ def balance(lengths: dict, world: int, max_tokens: int) -> list:
                 fit[0] += lengths[i]
                 fit[1].append(i)
         rows.append([seqs for _, seqs in sorted(mine, key=lambda row: -row[0])])
-    steps = max(map(len, rows))
+    steps = max(map(len, rows))  # 0 for an empty minibatch: no micro-step at all
     return [[r[k] if k < len(r) else [] for r in rows] for k in range(steps)]
 
 

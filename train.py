@@ -10,10 +10,12 @@ that rank's share of the prompts, sleeps during the update, and wakes up with th
 whole algorithm, one call per phase; loss.py holds the objectives side by side, packing.py how responses
 become rows, config.py every setting.
 """
+import contextlib
 import dataclasses
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -25,15 +27,18 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import loss as L  # noqa: E402
 from config import Config, fail, parse_config, resume_error  # noqa: E402
-from model import all_sum, exit_with_parent, gather_all, print0  # noqa: E402
-from packing import at_responses, balance, packed_row, per_response, responses  # noqa: E402
+from loss import shape_rewards  # noqa: E402, F401 (tests use train.shape_rewards)
+from model import (all_sum, exit_with_parent, gather_all, hub_download, locate_model, print0,  # noqa: E402
+                   zero_grads)
+from packing import at_responses, balance, packed_row, per_response, responses, trains  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # Data: a jsonl question set, and an order that every rank derives from the one shared seed.
 
 
-def load_questions(path: str, tokenizer, template: str, max_prompt_tokens: int):
-    """Rows {problem, answer} with their rendered prompts; a malformed row stops with file:line."""
+def load_questions(path: str, tokenizer, template: str, max_prompt_tokens: int, rank: int = 0):
+    """Rows {problem, answer} with their rendered prompts and their lengths; a malformed row stops with
+    file:line; problems whose prompt is longer than max_prompt_tokens are skipped, and counted in one line."""
     from data.prepare import DataError, read_jsonl
     from templates import render
     try:
@@ -44,11 +49,15 @@ def load_questions(path: str, tokenizer, template: str, max_prompt_tokens: int):
         fail(f"{path} has no questions")
     for r in rows:
         r["prompt"] = render(template, r["problem"], tokenizer)
-    lengths = [len(ids) for ids in tokenizer([r["prompt"] for r in rows])["input_ids"]]
-    rows = [r for r, n in zip(rows, lengths) if n <= max_prompt_tokens]
-    if not rows:
+    for r, ids in zip(rows, tokenizer([r["prompt"] for r in rows])["input_ids"]):
+        r["prompt_tokens"] = len(ids)
+    kept = [r for r in rows if r["prompt_tokens"] <= max_prompt_tokens]
+    if not kept:
         fail(f"{path} has no question whose prompt fits in --max-prompt-tokens {max_prompt_tokens}")
-    return rows
+    if len(kept) < len(rows):
+        print0(f"{path}: {len(rows) - len(kept)} of {len(rows)} problems skipped: their prompt is longer "
+               f"than --max-prompt-tokens {max_prompt_tokens}", rank=rank)
+    return kept
 
 
 def iteration_prompts(n_rows: int, iteration: int, rollout_batch: int, seed: int):
@@ -120,36 +129,12 @@ def start_process(cfg: Config, parent: int):
     return rank, world, device
 
 
-def locate_model(name: str, download) -> str:
-    """The model's local directory. A name whose first component exists here (or that starts with /, . or ~)
-    is a local path, never a hub name; a hub name is fetched into the hub cache now, before the process
-    group exists, so no collective waits on a download (every rank calls it: the cache's file locks make
-    that safe, and quick once one rank has it)."""
-    if os.path.isdir(name):
-        return name
-    if name.startswith(("/", ".", "~")) or os.path.exists(name.split("/")[0]) or name.count("/") != 1:
-        fail(f"--model {name}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)")
-    try:
-        return download(name, allow_patterns=HUB_FILES)
-    except Exception as e:  # offline, a typo, no access: the hub's own exception types vary by version
-        fail(f"--model {name}: cannot download it ({str(e).strip().splitlines()[0][:200]})")
-
-
-# What the trainer, vLLM and eval.py read of a hub model (not its .bin / .gguf / .pt duplicates).
-HUB_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
-
-
-def hub_download(name: str, **kw) -> str:
-    from huggingface_hub import snapshot_download
-    return snapshot_download(name, **kw)
-
-
-def load_inputs(cfg: Config, model_path: str, device):
+def load_inputs(cfg: Config, model_path: str, rank: int, device):
     """Everything that can be wrong with the engine choice, the model and the data, checked before anything is
-    written. -> tokenizer, generation config, training questions, held-out questions."""
+    written. -> tokenizer, generation config, training questions, held-out questions, the engine's context."""
     import importlib.util
 
-    from transformers import AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     from rollout import engine_kind
     try:  # on a GPU, a missing vLLM is an error (not a silently slow run), said before anything loads
@@ -159,18 +144,32 @@ def load_inputs(cfg: Config, model_path: str, device):
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         generation_config = GenerationConfig.from_pretrained(model_path)
+        context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
     except (OSError, ValueError) as e:  # a hub name that cannot be fetched, a directory that is not a model
         fail(f"--model {cfg.model}: cannot load it ({str(e).strip().splitlines()[0][:200]})")
+    if not tokenizer("1 + 1 = 2")["input_ids"]:  # e.g. a checkpoint directory without its tokenizer files
+        fail(f"--model {cfg.model}: no usable tokenizer (it encodes text to nothing): tokenizer.json or "
+             "vocab.json + merges.txt, and tokenizer_config.json, belong in the directory")
     qpath = cfg.questions if cfg.questions.endswith(".jsonl") else os.path.join(cfg.data_dir,
                                                                                 cfg.questions + ".jsonl")
-    questions = load_questions(qpath, tokenizer, cfg.template, cfg.max_prompt_tokens)
-    heldout = load_questions(cfg.eval_file, tokenizer, cfg.template, cfg.max_prompt_tokens)
-    return tokenizer, generation_config, questions, heldout[:cfg.eval_limit] if cfg.eval_limit else heldout
+    questions = load_questions(qpath, tokenizer, cfg.template, cfg.max_prompt_tokens, rank)
+    heldout = load_questions(cfg.eval_file, tokenizer, cfg.template, cfg.max_prompt_tokens, rank)
+    heldout = heldout[:cfg.eval_limit] if cfg.eval_limit else heldout
+    for rows, flag, budget in ((questions, "--max-new-tokens", cfg.max_new_tokens),
+                               (heldout, "--eval-max-new-tokens", cfg.eval_max_new_tokens)):
+        longest = max(r["prompt_tokens"] for r in rows)
+        if context and longest + budget > context:  # vLLM would refuse to start, long after this point
+            fail(f"{flag} {budget}: the longest prompt ({longest} tokens) + {budget} is past the model's "
+                 f"context of {context} tokens (max_position_embeddings); lower {flag} or "
+                 "--max-prompt-tokens")
+    return tokenizer, generation_config, questions, heldout, min(context or 1 << 62, context_length(cfg))
 
 
 def claim_out_dir(cfg: Config, rank: int, world: int, device) -> list:
     """Rank 0 takes the run directory's lock (held by its fd until the process ends); then the checks that
     resuming needs, from files only, before any model or engine starts. -> [latest checkpoint] or []."""
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        fail(f"--out-dir {cfg.out_dir} is a file, not a directory")
     lock = checkpoint.lock_run_dir(cfg.out_dir) if rank == 0 else None
     if all_sum({"busy": isinstance(lock, str)}, device)["busy"]:
         fail(f"--out-dir {cfg.out_dir} is in use by the live run {lock}; stop it or choose another --out-dir")
@@ -200,7 +199,7 @@ def context_length(cfg: Config) -> int:
     return cfg.max_prompt_tokens + max(cfg.max_new_tokens, cfg.eval_max_new_tokens)
 
 
-def build(run: Run, total_steps: int):
+def build(run: Run, total_steps: int, max_model_len: int):
     """The grader pool, the policy (and the reference), the engine, AdamW and its schedule, into run."""
     from grader import GraderPool
     from model import build_policy, set_matmul_precision
@@ -213,11 +212,17 @@ def build(run: Run, total_steps: int):
         run.ref = build_policy(run.model_path, run.device, cfg.seed, grad_checkpointing=False)
         run.ref.eval().requires_grad_(False)
     # vLLM seeds the global RNGs when it starts: start it before a checkpoint restores them.
-    run.engine = make_engine(cfg.engine, run.model_path, seed=cfg.seed,
-                             dtype="bfloat16" if run.device.type == "cuda" else "float32",
-                             max_model_len=context_length(cfg),
-                             gpu_memory_utilization=cfg.gpu_memory_utilization, colocated=True,
-                             sleep_level=cfg.sleep_level)
+    try:
+        run.engine = make_engine(cfg.engine, run.model_path, seed=cfg.seed,
+                                 dtype="bfloat16" if run.device.type == "cuda" else "float32",
+                                 max_model_len=max_model_len, colocated=True, sleep_level=cfg.sleep_level,
+                                 gpu_memory_utilization=cfg.gpu_memory_utilization)
+    except ValueError as e:  # vLLM's start-up: too little memory left for its KV cache
+        if "gpu_memory_utilization" not in str(e):
+            raise
+        fail(f"vLLM could not start: {str(e).split('. ')[0]} (--gpu-memory-utilization "
+             f"{cfg.gpu_memory_utilization}, a context of {max_model_len} tokens): raise "
+             f"--gpu-memory-utilization if the GPU is free, or lower --max-new-tokens / --max-prompt-tokens")
     set_matmul_precision(run.device)  # vLLM's worker set it process-wide to its own (plain fp32 on GPU)
     run.opt = torch.optim.AdamW(run.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                                 weight_decay=cfg.weight_decay)
@@ -242,6 +247,7 @@ class Logs:
     samples: str          # samples.jsonl: a few responses every --log-samples-every iterations
     bar: object           # tqdm's progress bar (rank 0)
     wandb: object = None  # a wandb run, if asked for and installed (rank 0)
+    flat: int = 0         # of the first iterations, how many had equal rewards in every group
 
 
 def open_logs(run: Run, heldout: list, start: int, iterations: int) -> Logs:
@@ -289,23 +295,24 @@ def open_wandb(cfg: Config):
 # The phases of one policy iteration, in the order main() calls them.
 
 
+@contextlib.contextmanager
+def out_of_memory(phase: str, size: str, flags: str):
+    """Out of GPU memory in a phase: one line naming it, the size that failed, and the flags that lower it."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        fail(f"out of GPU memory in {phase} ({size}); lower it with {flags}")
+
+
+UPDATE_FLAGS = "--max-tokens-per-micro-batch, or --grad-checkpointing true"
+
+
 def prompts(questions: list, it: int, cfg: Config, rank: int, world: int):
     """1. This iteration's global slice of the shared-seed order; this rank takes its share, each prompt with
     the sampling seed of its position. -> rows, seeds."""
     global_idx = iteration_prompts(len(questions), it, cfg.rollout_batch, cfg.seed)
     seeds = [request_seed(cfg.seed, it, j) for j in range(rank, cfg.rollout_batch, world)]
     return [questions[i] for i in global_idx[rank::world]], seeds
-
-
-def shape_rewards(correct, formatted, truncated, lengths, max_new_tokens: int, overlong_penalty: int,
-                  format_reward: float):
-    """Training reward from the grader's 0/1, plus format_reward for the template's format: a truncated
-    response gets 0 (it never finished its answer), and with DAPO's soft overlong penalty the reward falls
-    linearly to -1 over the last `overlong_penalty` tokens."""
-    rewards = torch.where(truncated, 0.0, correct + format_reward * formatted)  # (B,)
-    if overlong_penalty:
-        rewards = rewards - (lengths - (max_new_tokens - overlong_penalty)).clamp(min=0) / overlong_penalty
-    return rewards
 
 
 def generate_and_grade(engine, pool, rows, seeds, cfg: Config, template, round_: int) -> dict:
@@ -344,7 +351,9 @@ def rollout(run: Run, questions: list, rows: list, seeds: list, it: int, templat
     timeouts_before = pool.timeouts
     # The reset makes the samples depend on weights and seeds only (not on what an evaluation left cached).
     engine.reset_prefix_cache()
-    batch = generate_and_grade(engine, pool, rows, seeds, cfg, template, round_=0)
+    size = f"{len(rows)} prompts x {cfg.group_size} of up to {cfg.max_new_tokens} tokens"
+    with out_of_memory("the rollout", size, "--gpu-memory-utilization or --max-new-tokens"):
+        batch = generate_and_grade(engine, pool, rows, seeds, cfg, template, round_=0)
     rounds = 0
     while cfg.dynamic_sampling and rounds < cfg.max_sampling_rounds:
         c = all_sum({"useful": batch["informative"].sum(), "all": len(batch["comps"])}, run.device)
@@ -357,7 +366,8 @@ def rollout(run: Run, questions: list, rows: list, seeds: list, it: int, templat
         extra = extra_prompts(len(questions), it, rounds, n_extra, cfg.seed)
         seeds = [request_seed(cfg.seed, it, j, rounds) for j in range(run.rank, n_extra, run.world)]
         more_rows = [questions[i] for i in extra[run.rank::run.world]]
-        more = generate_and_grade(engine, pool, more_rows, seeds, cfg, template, round_=rounds)
+        with out_of_memory("the rollout", size, "--gpu-memory-utilization or --max-new-tokens"):
+            more = generate_and_grade(engine, pool, more_rows, seeds, cfg, template, round_=rounds)
         batch = {k: torch.cat([v, more[k]]) if torch.is_tensor(v) else v + more[k] for k, v in batch.items()}
     engine.sleep()
     batch.update(rounds=rounds, nan_logprobs=engine.nan_logprobs - nan_before,
@@ -380,7 +390,8 @@ def plan_update(run: Run, batch: dict, it: int):
     each; fewer when dynamic sampling comes up short: the same number of steps, each on an equal share of
     what there is), each balanced over ranks and packed into rows by tokens. Per minibatch, the loss
     normaliser N: its responses (GRPO, Dr. GRPO) or its response tokens in the loss (DAPO), counted before
-    any backward. -> seqs (every rank's responses), plans[epoch][minibatch] = (N, plan), advantage stats."""
+    any backward. Responses that cannot move the gradient (packing.trains) count in N but get no row.
+    -> seqs (every rank's responses), plans[epoch][minibatch] = (N, plan), advantage stats."""
     cfg, tokenizer = run.cfg, run.tokenizer
     advantages = {"grpo": L.grpo_advantages, "drgrpo": L.drgrpo_advantages, "dapo": L.dapo_advantages}
     adv, adv_stats = advantages[cfg.algo](batch["rewards"], cfg.group_size)      # (B,)
@@ -401,7 +412,7 @@ def plan_update(run: Run, batch: dict, it: int):
         order = torch.randperm(len(seqs), generator=g).tolist()
         cuts = [order[len(order) * k // n_minibatches:len(order) * (k + 1) // n_minibatches]
                 for k in range(n_minibatches)]
-        lengths = [{i: len(seqs[i]["ids"]) for i in cut} for cut in cuts]
+        lengths = [{i: len(seqs[i]["ids"]) for i in cut if trains(seqs[i], cfg.beta)} for cut in cuts]
         plans.append([(loss_normaliser(cfg.algo, seqs, cut),
                         balance(n, run.world, cfg.max_tokens_per_micro_batch))
                       for cut, n in zip(cuts, lengths)])
@@ -422,14 +433,14 @@ def old_logprobs(run: Run, seqs: list, plans: list):
     old, ref_old = {}, {}
     with torch.no_grad():
         for k, (_, plan) in enumerate(plans[0]):
+            models = ([(run.model, old)] if k > 0 else []) + ([(ref, ref_old)] if ref is not None else [])
             for row in (packed_row(seqs, step[run.rank], pad_id(run.tokenizer)) for step in plan):
                 ids, pos, tm = (row[key].to(run.device) for key in ("ids", "pos", "resp"))
-                if k > 0:
-                    logp = L.token_logprobs(run.model, ids, None, tm, cfg.temperature, position_ids=pos)[0]
-                    old.update(per_response(row, logp))
-                if ref is not None:
-                    logp = L.token_logprobs(ref, ids, None, tm, cfg.temperature, position_ids=pos)[0]
-                    ref_old.update(per_response(row, logp))
+                size = f"a packed row of {ids.shape[1]} tokens"
+                for model, out in models:
+                    with out_of_memory("the old log-probs", size, UPDATE_FLAGS):
+                        logp = L.token_logprobs(model, ids, None, tm, cfg.temperature, position_ids=pos)[0]
+                    out.update(per_response(row, logp))
     if ref is not None:  # FSDP2 keeps the root's parameters gathered after a forward with no backward
         ref.reshard()
     return old, ref_old
@@ -451,8 +462,7 @@ def optimize(run: Run, seqs: list, plans: list, old: dict, ref_old: dict):
     divides every micro-step on every rank; gradients are summed over micro-steps and ranks (FSDP divide
     factor 1), so each optimizer step sees the mean over its N responses (DAPO: tokens). -> summed metrics,
     grad norms, old log-probs of every response trained."""
-    cfg, model, device = run.cfg, run.model, run.device
-    loss_fn, loss_kw = objective(cfg)
+    cfg, model = run.cfg, run.model
     # zeros first: dynamic sampling may leave nothing to train on, and the log line still needs its keys
     summed = dict.fromkeys(("tokens", "clip_frac_low", "clip_frac_high", "entropy", "entropy_tokens"), 0.0)
     grad_norms = []
@@ -463,21 +473,13 @@ def optimize(run: Run, seqs: list, plans: list, old: dict, ref_old: dict):
             ref_old = {i: v for part in gather_all(ref_old, run.world) for i, v in part.items()}
         for k, (N, plan) in enumerate(minibatches):
             for row in (packed_row(seqs, step[run.rank], pad_id(run.tokenizer)) for step in plan):
-                ids, pos, seq, tm, lm = (row[key].to(device) for key in ("ids", "pos", "seq", "resp", "loss"))
-                logp, entropy = L.token_logprobs(model, ids, None, tm, cfg.temperature, position_ids=pos)
-                if epoch == 0 and k == 0:  # not scored by old_logprobs: these are its old log-probs
-                    old.update(per_response(row, logp))
-                # where the sampler gave no usable log-prob, TIS must weigh by 1: the trainer's value there
-                sampler = [torch.where(seqs[i]["ok"], seqs[i]["sampler"], old[i]) for i in row["idx"]]
-                ref_logp = None if run.ref is None else at_responses(row, [ref_old[i] for i in row["idx"]])
-                loss, m = loss_fn(logp, at_responses(row, [old[i] for i in row["idx"]]).to(device),
-                                  row["adv"].to(device), seq, lm, N,
-                                  sampler_logp=at_responses(row, sampler).to(device),
-                                  ref_logp=None if ref_logp is None else ref_logp.to(device), **loss_kw)
-                loss.backward()
-                m["entropy"], m["entropy_tokens"] = (entropy * tm).sum(), tm.sum()
+                size = f"a packed row of {row['ids'].shape[1]} tokens"
+                with out_of_memory("the update", size, UPDATE_FLAGS):
+                    m = micro_step(run, seqs, row, old, ref_old, N, first=epoch == 0 and k == 0)
                 for key, v in m.items():
                     summed[key] = summed.get(key, 0.0) + float(v)
+            if not plan:  # nothing to compute on any rank: AdamW steps on zeros, those responses' gradient
+                zero_grads(model)
             # gradients are already summed over ranks here, so the clip sees the global norm
             grad_norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)))
             run.opt.step()
@@ -486,6 +488,26 @@ def optimize(run: Run, seqs: list, plans: list, old: dict, ref_old: dict):
             if cfg.ref_sync_every and run.sched.last_epoch % cfg.ref_sync_every == 0:
                 sync_reference(model, run.ref, cfg.ref_mixup_alpha)
     return summed, grad_norms, old
+
+
+def micro_step(run: Run, seqs: list, row: dict, old: dict, ref_old: dict, N: int, first: bool) -> dict:
+    """One packed row's forward and backward (the gradient accumulates). first: the iteration's first
+    minibatch, whose old log-probs are this forward's own (old_logprobs skipped it). -> its summed metrics."""
+    cfg, device = run.cfg, run.device
+    loss_fn, loss_kw = objective(cfg)
+    ids, pos, seq, tm, lm = (row[key].to(device) for key in ("ids", "pos", "seq", "resp", "loss"))
+    logp, entropy = L.token_logprobs(run.model, ids, None, tm, cfg.temperature, position_ids=pos)
+    if first:
+        old.update(per_response(row, logp))
+    # where the sampler gave no usable log-prob, TIS must weigh by 1: the trainer's value there
+    sampler = [torch.where(seqs[i]["ok"], seqs[i]["sampler"], old[i]) for i in row["idx"]]
+    ref_logp = None if run.ref is None else at_responses(row, [ref_old[i] for i in row["idx"]]).to(device)
+    loss, m = loss_fn(logp, at_responses(row, [old[i] for i in row["idx"]]).to(device), row["adv"].to(device),
+                      seq, lm, N, sampler_logp=at_responses(row, sampler).to(device), ref_logp=ref_logp,
+                      **loss_kw)
+    loss.backward()
+    m["entropy"], m["entropy_tokens"] = (entropy * tm).sum(), tm.sum()
+    return m
 
 
 def sync_reference(model, ref, alpha: float):
@@ -500,7 +522,9 @@ def sync_reference(model, ref, alpha: float):
 def sync_engine(run: Run):
     """7. Wake the engine with the new weights, gathered from the FSDP shards one module at a time."""
     from rollout import fsdp_full_tensors
-    run.engine.wake_up(fsdp_full_tensors(run.model))
+    share = f"vLLM's share {run.cfg.gpu_memory_utilization} of the GPU"
+    with out_of_memory("the engine's wake-up", share, "--gpu-memory-utilization (or --sleep-level 2)"):
+        run.engine.wake_up(fsdp_full_tensors(run.model))
 
 
 def iteration_record(run: Run, it: int, batch: dict, seqs: list, plans: list, adv_stats: dict, old: dict,
@@ -532,9 +556,11 @@ def iteration_record(run: Run, it: int, batch: dict, seqs: list, plans: list, ad
            "len_mean": s["len"] / n, "zero_adv_group_frac": s["zero_adv_frac"] / world,
            # the paper's self-reflection keywords (eval.py), in correct and in incorrect responses
            "reflection_correct": s["refl_ok"] / n_ok, "reflection_incorrect": s["refl_bad"] / n_bad,
-           "logprob_mismatch": s["mismatch"] / max(s["mismatch_tokens"], 1),
+           # nan, not 0 (a perfect sync), when no response was scored: all of them left out of the update
+           "logprob_mismatch": s["mismatch"] / s["mismatch_tokens"] if s["mismatch_tokens"] else math.nan,
            "nan_logprobs": s["nan_logprobs"], "entropy": s["entropy"] / max(s["entropy_tokens"], 1),
-           **{k: v for k, v in lm.items() if k != "tokens"},
+           **{k: v for k, v in lm.items() if k != "tokens"}, "trained_tokens": s["tokens"],
+           "micro_steps": sum(len(plan) for minibatches in plans for _, plan in minibatches),
            "grad_norm": sum(grad_norms) / len(grad_norms), "lr": run.sched.get_last_lr()[0],
            "adv_std": adv_stats["adv_std"], "grader_timeouts": s["timeouts"],  # adv_std: rank 0's groups
            # real tokens / tokens the update paid for (each micro-step costs world x its busiest row)
@@ -553,9 +579,11 @@ def evaluate_heldout(run: Run, rows: list) -> dict:
     --eval-n > 1 pass@k (unbiased estimator) for k = 1, 2, 4, ... up to eval_n."""
     from eval import evaluate, pass_at_k, pass_ks
     cfg, n = run.cfg, run.cfg.eval_n
-    _, records = evaluate(run.engine, run.pool, rows[run.rank::run.world], cfg.template, n=n,
-                          temperature=cfg.eval_temperature, top_p=1.0,
-                          max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, tokenizer=run.tokenizer)
+    size = f"{len(rows[run.rank::run.world])} problems x {n} of up to {cfg.eval_max_new_tokens} tokens"
+    with out_of_memory("the evaluation", size, "--gpu-memory-utilization or --eval-max-new-tokens"):
+        _, records = evaluate(run.engine, run.pool, rows[run.rank::run.world], cfg.template, n=n,
+                              temperature=cfg.eval_temperature, top_p=1.0,
+                              max_new_tokens=cfg.eval_max_new_tokens, seed=cfg.seed, tokenizer=run.tokenizer)
     groups = [records[j:j + n] for j in range(0, len(records), n)]  # problem-major
     ks = pass_ks(n) if n > 1 else []
     passed = {f"pass@{k}": sum(pass_at_k(n, sum(r["reward"] > 0 for r in g), k) for g in groups) for k in ks}
@@ -563,6 +591,9 @@ def evaluate_heldout(run: Run, rows: list) -> dict:
                 | passed | {"problems": len(groups)}, run.device)
     return {"eval_accuracy": s["reward"] / s["n"], "eval_lenient": s["lenient"] / s["n"],
             "eval_length": s["length"] / s["n"], **{f"eval_{k}": s[k] / s["problems"] for k in passed}}
+
+
+FLAT_ITERATIONS = 5  # a run whose every group had equal rewards for this many first iterations is told so
 
 
 def log_iteration(logs: Logs, rec: dict, batch: dict, cfg: Config, rank: int):
@@ -578,6 +609,7 @@ def log_iteration(logs: Logs, rec: dict, batch: dict, cfg: Config, rank: int):
             f"ent {rec['entropy']:.3f} | gnorm {rec['grad_norm']:.3f} | mism {rec['logprob_mismatch']:.1e} | "
             f"t {rec['t_generate'] + rec['t_grade'] + rec['t_train'] + rec['t_sync']:.1f}s "
             f"(gen {rec['t_generate']:.1f} grade {rec['t_grade']:.1f} train {rec['t_train']:.1f} "
+            f"on {rec['trained_tokens']:.0f} tok "
             f"sync {rec['t_sync']:.1f})")
     if cfg.dynamic_sampling:
         line += f" | drop {rec['dropped_group_frac']:.2f} x{rec['sampling_rounds']}"
@@ -586,6 +618,12 @@ def log_iteration(logs: Logs, rec: dict, batch: dict, cfg: Config, rank: int):
     if f"eval_pass@{cfg.eval_n}" in rec:
         line += f" pass@{cfg.eval_n} {100 * rec[f'eval_pass@{cfg.eval_n}']:.1f}%"
     logs.bar.write(line)
+    logs.flat += it <= FLAT_ITERATIONS and rec["zero_adv_group_frac"] == 1
+    if logs.flat == FLAT_ITERATIONS and it == FLAT_ITERATIONS:  # said once, and the run goes on
+        logs.bar.write(f"train.py: note: in each of the first {it} iterations every group's rewards were "
+                       f"equal (mean reward {rec['reward']:.2f}): no advantage, so nothing is learned. Check "
+                       f"the golds of --questions, the --template's answer format and the grader on "
+                       f"{logs.samples}")
     with open(logs.metrics, "a") as f:
         f.write(json.dumps(rec) + "\n")
     if logs.wandb is not None:
@@ -624,12 +662,12 @@ def main(argv=None):
     rank, world, device = start_process(cfg, parent)
     from templates import get_template
     template = get_template(cfg.template)
-    tokenizer, generation_config, questions, heldout = load_inputs(cfg, model_path, device)
+    tokenizer, generation_config, questions, heldout, context = load_inputs(cfg, model_path, rank, device)
     latest = claim_out_dir(cfg, rank, world, device)  # only now is anything cleaned or written
     iterations = min(cfg.iterations, math.ceil(cfg.passes * len(questions) / cfg.rollout_batch))
     steps_per_iter = cfg.ppo_epochs * cfg.rollout_batch * cfg.group_size // cfg.train_batch
     run = Run(cfg, rank, world, device, tokenizer, model_path)
-    build(run, iterations * steps_per_iter)
+    build(run, iterations * steps_per_iter, context)
     start = resume(run, latest)
     logs = open_logs(run, heldout, start, iterations)
 
@@ -658,5 +696,24 @@ def main(argv=None):
     # No destroy_process_group here: vLLM's own shutdown (at exit) tears down the process groups it shares.
 
 
+def run_main(argv=None):
+    """main(), with two endings as one line of ours and no traceback: Ctrl-C (torchrun passes SIGINT to every
+    rank), and a rank whose peer failed (the peer's line says why; torchrun then stops this one)."""
+    try:
+        main(argv)
+    except KeyboardInterrupt:
+        done = checkpoint.step_dirs(parse_config(argv).out_dir)
+        print0("train.py: interrupted; " + (f"the last complete checkpoint is {done[-1]}: the same command "
+                                            "resumes from it" if done else "no checkpoint was written yet"),
+               rank=int(os.environ.get("RANK", 0)))
+        sys.exit(130)
+    except RuntimeError as e:
+        peer_gone = isinstance(e, torch.distributed.DistError) or "closed by peer" in str(e)
+        if not peer_gone or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            raise
+        time.sleep(30)  # torchrun ends this rank first, unless it has not noticed; then one line
+        sys.exit(f"train.py: rank {os.environ.get('RANK')}: another rank stopped ({str(e).splitlines()[0]})")
+
+
 if __name__ == "__main__":
-    main()
+    run_main()

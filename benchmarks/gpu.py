@@ -80,7 +80,7 @@ def bench_gpu(argv):
 
     import checkpoint
     from loss import drgrpo_loss, token_logprobs
-    from model import build_policy, setup_distributed
+    from model import build_policy, set_matmul_precision, setup_distributed
     from packing import at_responses, balance, packed_row, per_response
     from rollout import make_engine
     from templates import render
@@ -190,7 +190,8 @@ def bench_gpu(argv):
         log(f"update: {N} responses, {tokens} tokens (longest {max(len(s['ids']) for s in seqs)}) in "
             f"{len(plan)} packed rows of <= {args.max_tokens}; step s: warm-up {times[0]:.2f}, timed "
             + " ".join(f"{t:.2f}" for t in times[1:]) + f"; {flops / 1e12:.1f} model TFLOP per step"
-            + (f", peak {peak_tf:g} TFLOPS ({name})" if peak_tf else ", no peak known: pass --peak-tflops"))
+            + (f", peak {peak_tf:g} TFLOPS ({name})" if peak_tf else ", no peak known: pass --peak-tflops")
+            + f"; fp32 matmuls (the head) at precision {torch.get_float32_matmul_precision()!r}")
 
         # -- one checkpoint save (DCP shards + AdamW, then the HF export) ------------------------------------
         from transformers import AutoTokenizer, GenerationConfig
@@ -219,6 +220,7 @@ def bench_gpu(argv):
                              **({"gpu_memory_utilization": args.gpu_memory_utilization, "colocated": True}
                                 if kind == "vllm" else {}))
         engine_name = type(engine).__name__
+        set_matmul_precision(device)  # as train.py: vLLM's worker reset it; the update above ran at this one
         kw = dict(n=args.gen_n, temperature=1.0, top_p=1.0)
         engine.generate(prompts[:1], max_new_tokens=min(8, args.gen_tokens), seeds=[10 ** 6], **kw)  # warm-up
         sync()

@@ -70,7 +70,7 @@ def make_minibatch(model, seed: int = 0) -> list:
     g = torch.Generator().manual_seed(seed)
     P = torch.randint(2, 7, (N,), generator=g).tolist()                          # prompt lengths
     R = torch.randint(1, MAX_NEW + 1, (N,), generator=g).tolist()                # response lengths
-    rewards = torch.tensor([1.0, 0, 0, 1, 0, 1, 1, 1])                           # (N,) group-major
+    rewards = torch.tensor([1.0, 0, 0, 1, 1, 1, 1, 1])                           # (N,) group 2 all equal
     seqs = [{"ids": torch.randint(1, VOCAB, (p + r,), generator=g), "prompt": p, "keep": i != 5, "reward": float(x)}
             for i, (p, r, x) in enumerate(zip(P, R, rewards))]
     b = padded_batch(seqs)
@@ -92,10 +92,13 @@ def set_advantages(seqs: list, algo: str):
         s["adv"] = a
 
 
+BETA = {"grpo": 0.05, "drgrpo": 0.0, "dapo": 0.0}  # loss_of's KL weights: what packing.trains needs to know
+
+
 def loss_of(algo: str, seqs: list, logp, old, adv, seq, mask, ref, sampler):
     """Each objective with a different option switched on, so every code path is covered."""
     if algo == "grpo":  # clip-higher and the k3 KL
-        return L.grpo_loss(logp, old, adv, seq, mask, N, eps_high=0.28, beta=0.05, ref_logp=ref)
+        return L.grpo_loss(logp, old, adv, seq, mask, N, eps_high=0.28, beta=BETA[algo], ref_logp=ref)
     if algo == "dapo":  # GSPO's sequence-level ratio; n_tokens: the minibatch's loss tokens, counted once
         n_tokens = sum(len(s["ids"]) - s["prompt"] for s in seqs if s["keep"])
         return L.dapo_loss(logp, old, adv, seq, mask, n_tokens, eps_high=0.28, ratio_level="sequence")
@@ -121,11 +124,16 @@ def padded_grads(model, seqs: list, algo: str) -> dict:
     return full_grads(model)
 
 
-def packed_grads(model, seqs: list, algo: str, budget: int, rank: int, world: int) -> dict:
-    """train.py's path: token-balanced plan, one packed row per micro-step, gradients accumulated."""
+def packed_grads(model, seqs: list, algo: str, budget: int, rank: int, world: int, skip: bool = False) -> dict:
+    """train.py's path: token-balanced plan, one packed row per micro-step, gradients accumulated. skip: as
+    train.py, responses that cannot move the gradient (packing.trains) get no row; N stays the whole
+    minibatch's."""
     set_advantages(seqs, algo)
     model.zero_grad(set_to_none=True)
-    plan = packing.balance({i: len(s["ids"]) for i, s in enumerate(seqs)}, world, budget)
+    kept = [i for i, s in enumerate(seqs) if not skip or packing.trains(s, BETA[algo])]
+    plan = packing.balance({i: len(seqs[i]["ids"]) for i in kept}, world, budget)
+    if not plan:  # nothing left to compute on any rank: train.py's zero gradients
+        M.zero_grads(model)
     for step in plan:
         row = packing.packed_row(seqs, step[rank], pad_id=0)
         logp, _ = L.token_logprobs(model, row["ids"], None, row["resp"], TEMPERATURE, chunk=5,
@@ -136,6 +144,24 @@ def packed_grads(model, seqs: list, algo: str, budget: int, rank: int, world: in
         loss, _ = loss_of(algo, seqs, logp, at["old"], row["adv"], row["seq"], row["loss"], at["ref"], sampler)
         loss.backward()
     return full_grads(model)
+
+
+def adamw_after(model, seqs: list, rank: int, world: int, skip: bool = False) -> list:
+    """Parameters and AdamW state (full tensors, as lists) after a real step, then a step on a minibatch whose
+    rewards are all equal: computed (today's zero gradient) or left out entirely (skip); weights restored."""
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    for minibatch, skipping in ((seqs, False), ([dict(s, reward=1.0) for s in seqs], skip)):
+        packed_grads(model, minibatch, "drgrpo", 30, rank, world, skip=skipping)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).tolist()  # noqa: E731
+    out = [full(p) for p in model.parameters()]
+    out += [[full(v) if torch.is_tensor(v) else v for v in st.values()] for st in opt.state.values()]
+    with torch.no_grad():
+        for p, p0 in zip(model.parameters(), start):
+            p.copy_(p0)
+    return out
 
 
 def max_rel_err(grads: dict, ref: dict) -> float:
@@ -166,8 +192,15 @@ def main():
             for budget in BUDGETS:
                 err = max_rel_err(packed_grads(model, seqs, algo, budget, rank, world), ref)
                 assert err < 1e-5, f"tied={tied} {algo} budget={budget}: max rel err {err:.2e}"
+                skip = max_rel_err(packed_grads(model, seqs, algo, budget, rank, world, skip=True), ref)
+                assert skip < 1e-5, f"tied={tied} {algo} budget={budget} skipping: max rel err {skip:.2e}"
                 if rank == 0:
-                    print(f"OK world={world} tied={tied} {algo} budget={budget} max_rel_err={err:.1e}", flush=True)
+                    print(f"OK world={world} tied={tied} {algo} budget={budget} max_rel_err={err:.1e} "
+                          f"skipping {N - sum(packing.trains(s, BETA[algo]) for s in seqs)}: {skip:.1e}",
+                          flush=True)
+        assert adamw_after(model, seqs, rank, world, skip=True) == adamw_after(model, seqs, rank, world)
+        if rank == 0:
+            print(f"OK world={world} tied={tied} AdamW after an all-skipped step equals a zero-gradient step")
         # The check is sensitive to FSDP2's default (average over ranks): it would scale the gradient by 1/world.
         for m in fsdp_modules:
             m.set_gradient_divide_factor(float(world))

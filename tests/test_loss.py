@@ -282,6 +282,8 @@ def test_minibatch_gradient_world_1(attn):
         for budget in D.BUDGETS:
             got = D.packed_grads(model, seqs, algo, budget, rank=0, world=1)
             assert D.max_rel_err(got, ref) < 1e-5, (algo, budget)
+            got = D.packed_grads(model, seqs, algo, budget, rank=0, world=1, skip=True)  # as train.py
+            assert D.max_rel_err(got, ref) < 1e-5, (algo, budget, "skipping")
 
 
 def test_minibatch_gradient_world_2_fsdp2():
@@ -291,7 +293,9 @@ def test_minibatch_gradient_world_2_fsdp2():
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         script], env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    assert p.stdout.count("OK world=2") == 2 * 3 * len(D.BUDGETS) and "ALL OK" in p.stdout
+    assert p.stdout.count("OK world=2") == 2 * 3 * len(D.BUDGETS) + 2 and "ALL OK" in p.stdout
+    assert "dapo budget=30 max_rel_err" in p.stdout and "skipping 4:" in p.stdout  # group 2 (the filtered one in it)
+    assert p.stdout.count("AdamW after an all-skipped step equals a zero-gradient step") == 2
 
 
 def test_bf16_head_numerics():

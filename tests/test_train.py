@@ -79,10 +79,17 @@ def test_resume_refuses_a_changed_run(monkeypatch):
 
 
 def test_unknown_flag_is_an_error(capsys, monkeypatch):
+    """argparse's errors are one line of ours (no usage block), with the nearest flag when there is one."""
     monkeypatch.setenv("WORLD_SIZE", "1")
-    with pytest.raises(SystemExit):
-        train.parse_config(["--learning-rate", "1"])
-    assert "unrecognized arguments: --learning-rate" in capsys.readouterr().err
+    for argv, expected in ((["--learning-rate", "1"], "unrecognized arguments: --learning-rate 1; python train"),
+                           (["--iters", "6"], "unrecognized arguments: --iters 6 (did you mean --iterations?)"),
+                           (["--iter", "6"], "(did you mean --iterations?)"),  # no silent abbreviation
+                           (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+                           (["--resume"], "argument --resume: expected one argument")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_config(argv)
+        assert str(e.value.code).startswith("train.py: ") and expected in str(e.value.code), e.value.code
+        assert "\n" not in str(e.value.code) and capsys.readouterr().err == ""
 
 
 def test_help_describes_every_flag(capsys, monkeypatch):
@@ -174,9 +181,10 @@ def run_args(model_dir, data_dir, out_dir, extra=()):
             "--max-tokens-per-micro-batch", "100", "--max-new-tokens", "24", "--eval-max-new-tokens", "16", "--iterations", str(ITERS),
             "--eval-every", "2", "--save-every", "1", "--keep", "2", "--log-samples-every", "2",
             "--lr", "1e-3", "--ppo-epochs", "2", "--beta", "0.01", "--out-dir", out_dir,
-            # DAPO's loss and dynamic sampling, and a reference that moves (so resume must restore it too)
+            # DAPO's loss and dynamic sampling, and a reference that moves (so resume must restore it too); the
+            # overlong filter: its truncated responses are left out of the update (packing.trains)
             "--algo", "dapo", "--dynamic-sampling", "true", "--max-sampling-rounds", "1", "--ref-sync-every", "2",
-            "--ref-mixup-alpha", "0.5", *extra]
+            "--ref-mixup-alpha", "0.5", "--overlong-filter", "true", *extra]
 
 
 def env():
