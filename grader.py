@@ -651,25 +651,25 @@ def grade_item(task: str, template, response: str, gold):
 
 def _worker(conn, progress, fn):
     """Grade chunks; progress = [index, start time] of the response being graded lets the parent kill a hung one."""
-    while True:  # until killed
-        task, template, items = conn.recv()
-        out, errors = [], 0
-        for k, (response, gold) in enumerate(items):
-            progress[1], progress[0] = time.monotonic(), k  # time first (the parent reads the index first)
-            try:
-                out.append(fn(task, template, response, gold))
-            except Exception:  # a grader bug scores 0 and is counted; it never takes the batch down
-                out.append(False if task == "grades" else (0.0, False))
-                errors += 1
-        conn.send((out, errors))
+    with contextlib.suppress(EOFError, KeyboardInterrupt):  # parent gone, or Ctrl-C (the parent's to say)
+        while True:  # until killed
+            task, template, items = conn.recv()
+            out, errors = [], 0
+            for k, (response, gold) in enumerate(items):
+                progress[1], progress[0] = time.monotonic(), k  # time first: the parent reads k first
+                try:
+                    out.append(fn(task, template, response, gold))
+                except Exception:  # a grader bug scores 0 and is counted; it never takes the batch down
+                    out.append(False if task == "grades" else (0.0, False))
+                    errors += 1
+            conn.send((out, errors))
 
 
 class GraderPool(contextlib.AbstractContextManager):
     """Grades many responses in worker processes, order preserved, with a hard per-response time limit: a worker
-    whose response runs past `timeout` s is killed, the response scores 0, a fresh worker takes its place and the
-    rest of its chunk is queued again; workers dying at start-up 3 times in a row raise. "forkserver", never
-    fork: create the pool before vLLM (forking with OpenMP threads can hang). workers=0 grades in-process, no
-    time limit (debugging). `fn` (what workers run per response) is grade_item, or a test's faulty one."""
+    whose response runs past `timeout` s is killed, it scores 0, a fresh worker takes its place and the rest
+    of its chunk is queued again; 3 workers in a row dying at start-up raise. "forkserver", never fork:
+    create it before vLLM (forking with OpenMP threads hangs). workers=0: in-process, no time limit."""
 
     def __init__(self, workers: int = 2, timeout: float = 1.0, chunk: int = 64, fn=grade_item):
         self.timeout, self.chunk, self.fn = timeout, chunk, fn

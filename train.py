@@ -347,8 +347,7 @@ def rollout(run: Run, questions: list, rows: list, seeds: list, it: int, templat
     resumed run samples the same) until rollout_batch groups over all ranks carry one, or the round cap.
     Which groups train is decided after the gather, in plan_update. -> the batch, this rank's responses."""
     cfg, engine, pool = run.cfg, run.engine, run.pool
-    nan_before = engine.nan_logprobs
-    timeouts_before = pool.timeouts
+    before = engine.nan_logprobs, pool.timeouts, pool.errors
     # The reset makes the samples depend on weights and seeds only (not on what an evaluation left cached).
     engine.reset_prefix_cache()
     size = f"{len(rows)} prompts x {cfg.group_size} of up to {cfg.max_new_tokens} tokens"
@@ -370,8 +369,8 @@ def rollout(run: Run, questions: list, rows: list, seeds: list, it: int, templat
             more = generate_and_grade(engine, pool, more_rows, seeds, cfg, template, round_=rounds)
         batch = {k: torch.cat([v, more[k]]) if torch.is_tensor(v) else v + more[k] for k, v in batch.items()}
     engine.sleep()
-    batch.update(rounds=rounds, nan_logprobs=engine.nan_logprobs - nan_before,
-                 timeouts=pool.timeouts - timeouts_before)
+    batch.update(rounds=rounds, nan_logprobs=engine.nan_logprobs - before[0],
+                 timeouts=pool.timeouts - before[1], grader_errors=pool.errors - before[2])
     return batch
 
 
@@ -547,7 +546,8 @@ def iteration_record(run: Run, it: int, batch: dict, seqs: list, plans: list, ad
                  "n": len(batch["comps"]), "refl_ok": refl[ok].sum(), "refl_bad": refl[~ok].sum(),
                  "t_grade": sum(batch["t_grade"]), "zero_adv_frac": adv_stats["zero_adv_group_frac"],
                  "mismatch": mismatch * ok_tokens if finite else 0.0, "mismatch_tokens": ok_tokens,
-                 "nan_logprobs": batch["nan_logprobs"], "timeouts": batch["timeouts"], **summed}, run.device)
+                 "nan_logprobs": batch["nan_logprobs"], "timeouts": batch["timeouts"],
+                 "grader_errors": batch["grader_errors"], **summed}, run.device)
     n, n_ok, n_bad = s["n"], max(s["n_ok"], 1), max(s["n_bad"], 1)
     lm = L.mean_metrics({k: s[k] for k in summed if not k.startswith("entropy")})
     rec = {"iteration": it + 1, "reward": s["reward"] / n, "accuracy": s["correct"] / n,
@@ -563,6 +563,7 @@ def iteration_record(run: Run, it: int, batch: dict, seqs: list, plans: list, ad
            "micro_steps": sum(len(plan) for minibatches in plans for _, plan in minibatches),
            "grad_norm": sum(grad_norms) / len(grad_norms), "lr": run.sched.get_last_lr()[0],
            "adv_std": adv_stats["adv_std"], "grader_timeouts": s["timeouts"],  # adv_std: rank 0's groups
+           "grader_errors": s["grader_errors"],  # grader exceptions: each scored 0
            # real tokens / tokens the update paid for (each micro-step costs world x its busiest row)
            "update_token_efficiency": sum(map(sum, rows_tokens)) / (world * sum(map(max, rows_tokens))),
            "t_generate": t["rollout"] - t["start"] - s["t_grade"] / world, "t_grade": s["t_grade"] / world,

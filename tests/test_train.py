@@ -215,7 +215,7 @@ def test_end_to_end_two_processes(full_run):
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [r["iteration"] for r in recs] == list(range(ITERS + 1))  # 0 = evaluation before training
     for r in recs[1:]:
-        assert 0 <= r["reward"] <= 1 and r["grader_timeouts"] == 0
+        assert 0 <= r["reward"] <= 1 and r["grader_timeouts"] == 0 and r["grader_errors"] == 0
         assert r["logprob_mismatch"] < 1e-3  # vLLM sampled from exactly the trainer's weights
         assert r["t_generate"] > 0 and r["tokens_per_s"] > 0
     assert any(r["grad_norm"] > 0 for r in recs[1:])  # some group had unequal rewards: a real update
