@@ -178,6 +178,20 @@ def test_equal_reward_groups_give_zero_gradient(algo):
 
 
 @pytest.mark.parametrize("algo", ["grpo", "drgrpo", "dapo"])
+def test_equal_fractional_rewards_give_exactly_zero_advantage(algo):
+    """With --format-reward 0.2 an all-correct group's rewards are 1.2 each, whose mean is rounded: GRPO's and
+    DAPO's std + eps would turn that into +-0.119 of noise (Dr. GRPO's into 1.2e-7). Exactly 0 instead, which
+    is also what lets the update leave those responses out (packing.trains)."""
+    rewards = torch.tensor([1.2] * 8 + [0.2] * 8 + [1.2, 0.2] * 4)
+    adv, stats = getattr(L, f"{algo}_advantages")(rewards, 8)
+    assert adv[:16].eq(0).all() and stats["zero_adv_group_frac"] == pytest.approx(2 / 3)
+    assert adv[16:].abs().min() > 0.4  # the informative group keeps its advantages
+    assert not packing.trains({"keep": True, "adv": float(adv[0])}, beta=0.0)
+    assert packing.trains({"keep": True, "adv": float(adv[0])}, beta=0.01)  # its KL term still moves it
+    assert not packing.trains({"keep": False, "adv": float(adv[16])}, beta=0.01)  # filtered: masked whole
+
+
+@pytest.mark.parametrize("algo", ["grpo", "drgrpo", "dapo"])
 def test_masked_tokens_get_zero_gradient(algo):
     logp, mask = response_batch([3, 8, 5, 0])
     mask[1, 2] = False
