@@ -1,10 +1,12 @@
 """The run's settings: one flat Config whose field comments are `train.py --help`, the recipes, and the checks
-that stop a bad setting with one line naming the flag, before any work starts.
+that stop a bad setting with one line naming the flag, before any work starts (`fail`; `out_of_memory` ends a
+phase that ran out of GPU memory the same way, naming the flags that lower it).
 
     python train.py --help                   # every flag, what it does, its default
     python train.py --recipe cpu_demo --help # the same, with that recipe's defaults
 """
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import inspect
@@ -177,6 +179,16 @@ def fail(msg: str):
         sys.exit(f"train.py: {msg}")
     time.sleep(20)  # still alive: rank 0 did not fail with us (e.g. a file missing on this node only)
     sys.exit(f"train.py: rank {rank}: {msg}")
+
+
+@contextlib.contextmanager
+def out_of_memory(phase: str, size: str, flags: str):
+    """Out of GPU memory in a phase: one line naming it, the size that failed, and the flags that lower it."""
+    import torch
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        fail(f"out of GPU memory in {phase} ({size}); lower it with {flags}")
 
 
 def _parse_bool(s: str) -> bool:

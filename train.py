@@ -10,7 +10,6 @@ that rank's share of the prompts, sleeps during the update, and wakes up with th
 whole algorithm, one call per phase; loss.py holds the objectives side by side, packing.py how responses
 become rows, config.py every setting.
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +25,7 @@ import torch  # noqa: E402
 
 import checkpoint  # noqa: E402
 import loss as L  # noqa: E402
-from config import Config, fail, parse_config, resume_error  # noqa: E402
+from config import Config, fail, out_of_memory, parse_config, resume_error  # noqa: E402
 from loss import shape_rewards  # noqa: E402, F401 (tests use train.shape_rewards)
 from model import (all_sum, exit_with_parent, gather_all, hub_download, locate_model, print0,  # noqa: E402
                    zero_grads)
@@ -79,10 +78,9 @@ def extra_prompts(n_rows: int, iteration: int, round_: int, k: int, seed: int) -
 
 
 def request_seed(seed: int, iteration: int, position: int, round_: int = 0) -> int:
-    """Each request carries its own sampling seed, so a resumed run samples exactly what it would have. Keyed
-    by the prompt's position in the iteration, not its index: a prompt that appears twice in one iteration (at
-    the end of a pass) must get two different groups, not the same one twice. Dynamic sampling's rounds are
-    apart."""
+    """Each request's own sampling seed, so a resumed run samples exactly what it would have. Keyed by the
+    prompt's position in the iteration, not its index: a prompt that comes twice in one iteration (at the end
+    of a pass) must get two different groups. Dynamic sampling's rounds are apart."""
     return (seed * 1_000_003 + iteration * 7_919 + position + round_ * 1_000_000_007) % (2 ** 31 - 1)
 
 
@@ -92,8 +90,8 @@ def request_seed(seed: int, iteration: int, position: int, round_: int = 0) -> i
 
 @dataclass
 class Run:
-    """What every phase shares: where this process is, the models, the optimizer and its schedule, the engine,
-    the grader pool. The phases below take it and what they need besides, and return what the next needs."""
+    """What every phase shares: where this process is, the models, optimizer, schedule, engine, grader pool.
+    The phases take it and what they need besides, and return what the next needs."""
     cfg: Config
     rank: int
     world: int
@@ -122,8 +120,7 @@ def start_process(cfg: Config, parent: int):
     print0("config: " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items()), rank=rank)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # torchrun's ranks only: a nohup'd process outlives its shell
         exit_with_parent(parent)
-    # A warning nobody running this can act on: FSDP2's note on the view that transformers' output is (nothing
-    # here modifies it in place).
+    # FSDP2's note on the view that transformers' output is: nothing here modifies it in place
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     transformers_logging.disable_progress_bar()
     return rank, world, device
@@ -162,12 +159,13 @@ def load_inputs(cfg: Config, model_path: str, rank: int, device):
             fail(f"{flag} {budget}: the longest prompt ({longest} tokens) + {budget} is past the model's "
                  f"context of {context} tokens (max_position_embeddings); lower {flag} or "
                  "--max-prompt-tokens")
-    return tokenizer, generation_config, questions, heldout, min(context or 1 << 62, context_length(cfg))
+    engine_context = cfg.max_prompt_tokens + max(cfg.max_new_tokens, cfg.eval_max_new_tokens)
+    return tokenizer, generation_config, questions, heldout, min(context or engine_context, engine_context)
 
 
 def claim_out_dir(cfg: Config, rank: int, world: int, device) -> list:
-    """Rank 0 takes the run directory's lock (held by its fd until the process ends); then the checks that
-    resuming needs, from files only, before any model or engine starts. -> [latest checkpoint] or []."""
+    """Rank 0 takes the run directory's lock (held until the process ends); then resuming's checks, from files
+    only, before any model or engine starts. -> [latest checkpoint] or []."""
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         fail(f"--out-dir {cfg.out_dir} is a file, not a directory")
     lock = checkpoint.lock_run_dir(cfg.out_dir) if rank == 0 else None
@@ -192,11 +190,6 @@ def make_scheduler(opt, cfg: Config, total_steps: int):
             return warm * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, step / max(1, total_steps)))))
         return warm
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-def context_length(cfg: Config) -> int:
-    """The engine's context: the longest prompt allowed plus the larger generation budget."""
-    return cfg.max_prompt_tokens + max(cfg.max_new_tokens, cfg.eval_max_new_tokens)
 
 
 def build(run: Run, total_steps: int, max_model_len: int):
@@ -278,13 +271,13 @@ def open_logs(run: Run, heldout: list, start: int, iterations: int) -> Logs:
     return logs
 
 
-def open_wandb(cfg: Config):
+def open_wandb(cfg: Config):  # a resumed run logs into the same wandb run
     try:
         import wandb
     except ImportError:
         print("wandb is not installed: logging to metrics.jsonl only", flush=True)
         return None
-    id_path = os.path.join(cfg.out_dir, "wandb_id")  # a resumed run logs into the same wandb run
+    id_path = os.path.join(cfg.out_dir, "wandb_id")
     run_id = open(id_path).read().strip() if os.path.exists(id_path) else os.urandom(6).hex()  # no RNG used
     with open(id_path, "w") as f:
         f.write(run_id)
@@ -293,15 +286,6 @@ def open_wandb(cfg: Config):
 
 # ------------------------------------------------------------------------------------------------------------
 # The phases of one policy iteration, in the order main() calls them.
-
-
-@contextlib.contextmanager
-def out_of_memory(phase: str, size: str, flags: str):
-    """Out of GPU memory in a phase: one line naming it, the size that failed, and the flags that lower it."""
-    try:
-        yield
-    except torch.OutOfMemoryError:
-        fail(f"out of GPU memory in {phase} ({size}); lower it with {flags}")
 
 
 UPDATE_FLAGS = "--max-tokens-per-micro-batch, or --grad-checkpointing true"
@@ -343,9 +327,8 @@ def generate_and_grade(engine, pool, rows, seeds, cfg: Config, template, round_:
 def rollout(run: Run, questions: list, rows: list, seeds: list, it: int, template) -> dict:
     """2-3. G responses per prompt from the colocated engine, graded (0/1, + the format reward if on; a
     truncated response gets 0 in training), then the engine sleeps. With --dynamic-sampling, groups whose
-    rewards are all equal carry no signal: more rounds of prompts (a stream keyed by (iteration, round): a
-    resumed run samples the same) until rollout_batch groups over all ranks carry one, or the round cap.
-    Which groups train is decided after the gather, in plan_update. -> the batch, this rank's responses."""
+    rewards are all equal carry no signal: more rounds of prompts (a stream keyed by (iteration, round))
+    until rollout_batch groups over all ranks carry one, or the round cap; plan_update picks which train."""
     cfg, engine, pool = run.cfg, run.engine, run.pool
     before = engine.nan_logprobs, pool.timeouts, pool.errors
     # The reset makes the samples depend on weights and seeds only (not on what an evaluation left cached).
@@ -418,8 +401,7 @@ def plan_update(run: Run, batch: dict, it: int):
     return seqs, plans, adv_stats
 
 
-def pad_id(tokenizer) -> int:
-    """The token of an empty micro-step's one-token row (nothing is learned from it)."""
+def pad_id(tokenizer) -> int:  # the token of an empty micro-step's one-token row (nothing learned from it)
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
@@ -518,8 +500,7 @@ def sync_reference(model, ref, alpha: float):
             r.lerp_(p, alpha)
 
 
-def sync_engine(run: Run):
-    """7. Wake the engine with the new weights, gathered from the FSDP shards one module at a time."""
+def sync_engine(run: Run):  # 7. wake the engine with the new weights, gathered one FSDP module at a time
     from rollout import fsdp_full_tensors
     share = f"vLLM's share {run.cfg.gpu_memory_utilization} of the GPU"
     with out_of_memory("the engine's wake-up", share, "--gpu-memory-utilization (or --sleep-level 2)"):
@@ -646,8 +627,7 @@ def save(run: Run, it: int, generation_config):
                     run.ref if cfg.ref_sync_every else None)
 
 
-def finish(logs: Logs, rec: dict, iterations: int):
-    """The before -> after line and the run's curves (rank 0)."""
+def finish(logs: Logs, rec: dict, iterations: int):  # the before -> after line and the run's curves
     from plot import plot_run
     with open(logs.metrics) as f:
         first = json.loads(f.readline())
