@@ -13,6 +13,7 @@ benchmark scores. The lenient column (any final-answer form) is a diagnostic, ne
 """
 import argparse
 import json
+import math
 import os
 import re
 import time
@@ -39,10 +40,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     Written as a product, 1 - prod_{i=n-c+1}^{n} (1 - k/i), so large n never forms huge binomials."""
     if n - c < k:
         return 1.0  # every k-subset contains a correct sample
-    prod = 1.0
-    for i in range(n - c + 1, n + 1):
-        prod *= 1.0 - k / i
-    return 1.0 - prod
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
 
 
 def pass_ks(n: int) -> list:
@@ -77,6 +75,14 @@ def summarize(records: list) -> dict:
     return s
 
 
+def pass_rates(records: list, n: int) -> list:
+    """Each problem's solve rate as training scores its n samples (records problem-major): the template's
+    strict reward, and 0 for a truncated response."""
+    return [{"benchmark": g[0]["benchmark"], "problem": g[0]["problem"], "gold": g[0]["gold"], "n": n,
+             "correct": sum(r["reward"] > 0 and not r["truncated"] for r in g)}
+            for g in (records[j:j + n] for j in range(0, len(records), n))]
+
+
 def score(pool, responses: list, golds: list, template_name: str) -> list:
     """(reward, extracted, lenient) per response: the grader's strict template reward, its lenient grade."""
     from grader import extract_answer
@@ -107,7 +113,7 @@ def evaluate(engine, pool, rows, template, *, n, temperature, top_p, max_new_tok
     """Generate n responses per row ({"problem", "answer"[, "benchmark"]}) and grade them. ids: the rows'
     places in the whole set (default 0, 1, ...), which seed their sampling: a rank's share samples as a whole.
 
-    Returns (summary, records): summary as in `summarize`, records one dict per sample, problem-major."""
+    Returns (summary, records): `summarize`'s + generate_s, records one dict per sample, problem-major."""
     t = get_template(template) if isinstance(template, str) else template
     prompts = [render(t.name, row["problem"], tokenizer) for row in rows]
     # One seed per request, from the run seed and the row's index: the same rows sample the same way however
@@ -123,16 +129,13 @@ def evaluate(engine, pool, rows, template, *, n, temperature, top_p, max_new_tok
                 "problem": row["problem"], "gold": row["answer"], "response": c.text, "extracted": extracted,
                 "reward": rw, "lenient": lenient, "length": len(c.token_ids), "truncated": bool(c.truncated),
                 "template": t.name} for (row, c), (rw, extracted, lenient) in zip(flat, graded)]
-    summary = summarize(records)
-    summary.update(generate_s=gen_s, tokens_per_s=sum(r["length"] for r in records) / max(gen_s, 1e-9))
-    return summary, records
+    return {**summarize(records), "generate_s": gen_s}, records
 
 
 # ---- command line ----------------------------------------------------------------------------------------
 
 def fail(msg: str):
-    """One line, by rank 0 under torchrun; the others wait for torchrun to stop them (as config.fail): one
-    still alive 20 s later failed alone (a file missing on its node, its GPU full), and says so."""
+    """One line: under torchrun by rank 0, or 20 s later by a rank that failed alone (as config.fail)."""
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:
         time.sleep(20)
@@ -201,38 +204,39 @@ def tabulate(records: list) -> dict:
     return {**per, "avg": avg}
 
 
-def write_outputs(out: str, results: dict, settings: dict, records: list):
+def write_outputs(out: str, results: dict, settings: dict, records: list, rates=None):
+    """The results json, the samples beside it and (--pass-rates) each problem's solve rate."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    samples = os.path.splitext(out)[0] + ".samples.jsonl"
     with open(out, "w") as f:
         json.dump({"settings": settings, "results": results}, f, indent=2)
-    with open(samples, "w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
-    print(f"wrote {out} and {samples}")
+    files = {".samples.jsonl": records, ".pass_rates.jsonl": rates}
+    files = {os.path.splitext(out)[0] + ext: rows for ext, rows in files.items() if rows is not None}
+    for path, rows in files.items():
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"wrote {out} and {' and '.join(files)}")
 
 
-def fail_to_load(model_path: str, e: Exception):
-    fail(f"cannot load model {model_path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
-
-
-def check_model(model_path: str, tname: str, rows: list, max_new_tokens: int):
-    """(tokenizer, the engine's max_model_len), or one line on why the model cannot evaluate these rows: all
-    checked before the (slow) engine starts."""
+def load_model(args, model_path: str, tname: str, rows: list, colocated: bool):
+    """(tokenizer, engine), or one line on why the model cannot score these rows, before the engine starts."""
+    from rollout import make_engine
     from transformers import AutoConfig, AutoTokenizer
     try:  # a model that does not load is a one-line error, not a traceback
         tokenizer = AutoTokenizer.from_pretrained(model_path)
         context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None) or 10**9
+        if not tokenizer("1 + 1 = 2").input_ids:  # e.g. no tokenizer files: a tokenizer with no vocabulary
+            fail(f"{model_path} has no usable tokenizer (text encodes to no tokens): expected tokenizer.json "
+                 "(or vocab.json + merges.txt) and tokenizer_config.json, as in the base model")
+        longest = max([len(tokenizer(render(tname, r["problem"], tokenizer)).input_ids) for r in rows] + [0])
+        if longest >= context:  # scoring such problems 0 would quietly change the benchmark
+            fail(f"a prompt of {longest} tokens does not fit the model's context of {context} tokens")
+        # Room for the longest prompt plus the budget, within the context (Qwen2.5-Math: 4,096 positions).
+        return tokenizer, make_engine(args.engine, model_path, seed=args.seed, tensor_parallel_size=args.tp,
+                                      max_model_len=min(longest + args.max_new_tokens, context),
+                                      enforce_eager=args.eager, colocated=colocated,
+                                      gpu_memory_utilization=args.gpu_memory_utilization)
     except Exception as e:
-        fail_to_load(model_path, e)
-    if not tokenizer("1 + 1 = 2")["input_ids"]:  # e.g. no tokenizer files: a vocabulary-less Qwen2Tokenizer
-        fail(f"{model_path} has no usable tokenizer (text encodes to no tokens): expected tokenizer.json (or "
-             "vocab.json + merges.txt) and tokenizer_config.json, as in the base model")
-    longest = max([len(tokenizer(render(tname, r["problem"], tokenizer))["input_ids"]) for r in rows] + [0])
-    if longest >= context:  # scoring such problems 0 would quietly change the benchmark
-        fail(f"a prompt of {longest} tokens does not fit the model's context of {context} tokens")
-    # Room for the longest prompt plus the budget, within the context (Qwen2.5-Math: 4,096 positions).
-    return tokenizer, min(longest + max_new_tokens, context)
+        fail(f"cannot load model {model_path}: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}")
 
 
 def gather_shards(records: list, gen_s: float, timeouts: int, *, n: int, rank: int, world: int):
@@ -272,6 +276,8 @@ def parse_args(argv):
     p.add_argument("--out", default=None, help="results json (default out/eval_MODEL.json), samples beside")
     p.add_argument("--regrade", default=None, help="re-score a saved .samples.jsonl without generating")
     p.add_argument("--workers", type=int, default=2, help="grader worker processes")
+    p.add_argument("--pass-rates", action="store_true", help="also write each problem's solve rate as "
+                   "training scores it (0 if truncated); give training's --temperature and -n")
     args = p.parse_args(argv)
     if args.path is None and args.regrade is None:
         p.error("give a model PATH or --regrade FILE.jsonl")
@@ -316,19 +322,12 @@ def main(argv=None):
 
     # All benchmarks in one engine call: a 30-problem AIME alone would leave the GPU mostly idle.
     rows = [{**r, "benchmark": b} for b, rs in data.items() for r in rs]
-    tokenizer, max_model_len = check_model(model_path, tname, rows, args.max_new_tokens)
     mine = range(rank, len(rows), world)  # torchrun: each rank a whole engine on rows rank, rank + world, ...
     if world > 1:
         from model import setup_distributed
         setup_distributed(threads=0, timeout_min=60)  # CPU: gloo, the cores shared out among the node's ranks
-    from rollout import make_engine
     with GraderPool(workers=args.workers) as pool:  # workers start before the engine's threads (platform.md)
-        try:
-            engine = make_engine(args.engine, model_path, seed=args.seed, tensor_parallel_size=args.tp,
-                                 max_model_len=max_model_len, enforce_eager=args.eager, colocated=world > 1,
-                                 gpu_memory_utilization=args.gpu_memory_utilization)
-        except Exception as e:
-            fail_to_load(model_path, e)
+        tokenizer, engine = load_model(args, model_path, tname, rows, colocated=world > 1)
         total, records = evaluate(engine, pool, [rows[i] for i in mine], tname, n=args.n, ids=mine,
                                   temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                                   max_new_tokens=args.max_new_tokens, tokenizer=tokenizer, progress=rank == 0)
@@ -343,7 +342,7 @@ def main(argv=None):
     settings.update(generate_s=gen_s, tokens_per_s=tokens_per_s, ranks=world)
     results = tabulate(records)
     print(format_table(results))
-    write_outputs(out, results, settings, records)
+    write_outputs(out, results, settings, records, pass_rates(records, args.n) if args.pass_rates else None)
 
 
 if __name__ == "__main__":

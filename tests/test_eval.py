@@ -92,6 +92,14 @@ def test_summarize_hand_computed():
     assert "pass@1" not in ev.summarize(records[::2])  # one sample per problem: no pass@k
 
 
+def test_pass_rates_score_as_training():
+    # 3 samples each; a truncated response counts 0 even when its answer is right (training's reward).
+    records = [dict(rec("a", 1.0), benchmark="x"), dict(rec("a", 1.0, truncated=True), benchmark="x"),
+               dict(rec("a", 0.0), benchmark="x"), *[dict(rec("b", 1.0), benchmark="y")] * 3]
+    assert ev.pass_rates(records, 3) == [dict(benchmark="x", problem="a", gold="1", n=3, correct=1),
+                                         dict(benchmark="y", problem="b", gold="1", n=3, correct=3)]
+
+
 def test_resolve_model_run_dir_and_template(tmp_path):
     run = tmp_path / "run"
     for step, tmpl in [(2, "no"), (10, "r1")]:
@@ -240,7 +248,7 @@ def test_eval_run_dir_sampled_pass_at_k(tmp_path, shared_data, tiny_model_dir):
     out = tmp_path / "sampled.json"
     res = run_cli(str(tmp_path / "run"), "--data-dir", os.path.join(shared_data, "eval"), "--limit", "2",
                   "--benchmarks", "amc23,minerva", "--n", "4", "--temperature", "1.0", "--max-new-tokens", "12",
-                  "--engine", "vllm", "--eager", "--out", str(out), "--workers", "1")
+                  "--engine", "vllm", "--eager", "--out", str(out), "--workers", "1", "--pass-rates")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "step_000003" in res.stdout
     table = table_rows(res.stdout)
@@ -253,6 +261,9 @@ def test_eval_run_dir_sampled_pass_at_k(tmp_path, shared_data, tiny_model_dir):
     assert len(records) == 16 and all(r["template"] == "r1" for r in records)
     # Sampling really samples: the 4 responses to one problem are not all the same text.
     assert any(len({r["response"] for r in records[i:i + 4]}) > 1 for i in range(0, 16, 4))
+    rates = [json.loads(line) for line in open(tmp_path / "sampled.pass_rates.jsonl")]
+    assert rates == ev.pass_rates(records, 4)
+    assert [r["problem"] for r in rates] == [r["problem"] for r in records[::4]]
     for b in ("amc23", "minerva"):
         s = saved["results"][b]
         assert s["pass@1"] == pytest.approx(s["accuracy"])  # every problem has 4 samples
