@@ -17,6 +17,15 @@ Any other question set, as one {problem, answer} file (default data/math/<name>.
 Every row needs both keys, a string or a number each; golds the grader does not match against themselves are dropped
 and counted. Parquet needs pyarrow; --hub downloads with huggingface_hub (installed with transformers).
 
+Keep the problems a model solves sometimes but not always (a group of equal rewards trains nothing); eval.py
+scores them as training does, so give it training's --template, --max-new-tokens, temperature and -n:
+    python eval.py BASE --data-dir data/math --benchmarks math_l3to5 -n 8 --temperature 1.0 --pass-rates
+    python data/prepare.py --file data/math/math_l3to5.jsonl --pass-rates out/eval_BASE.pass_rates.jsonl \
+        --min-pass-rate 0.1 --max-pass-rate 0.9         # -> data/math/math_l3to5_pass0.1-0.9.jsonl
+A problem is matched by its exact text to the file's rows (rows of one problem pool their samples); its rate
+correct / n must lie in [min, max]; a problem with no row is dropped. Or --min/--max-pass-percentile P Q:
+the band is the P-th to Q-th percentile of the set's found rates (linear interpolation, numpy's default).
+
 Online sources (not run here: these machines have no hub access):
   MATH 12k and the evaluation suite: the Dr. GRPO authors' own files, github.com/sail-sg/understand-r1-zero
   at commit SOURCE_COMMIT (datasets/train/math_12k, datasets/evaluation_suite), read with datasets.load_from_disk.
@@ -208,6 +217,80 @@ def drop_unmatched(name: str, rows):
     return [r for r, good in zip(rows, ok) if good]
 
 
+def read_pass_rates(path: str):
+    """problem -> solve rate from eval.py --pass-rates rows {problem, n, correct, ...}; rows of one problem
+    (two runs' files concatenated, or one problem in two benchmarks) pool their samples."""
+    pooled = {}
+    for i, row in jsonl_lines(path):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{i}: row is not a JSON object")
+        for key in ("problem", "n", "correct"):
+            if key not in row:
+                raise DataError(f"{path}:{i}: missing field {key!r}")
+        n, c = row["n"], row["correct"]
+        if not isinstance(row["problem"], str) or type(n) is not int or type(c) is not int:
+            raise DataError(f"{path}:{i}: 'problem' must be a string, 'n' and 'correct' integers")
+        if n < 1 or not 0 <= c <= n:
+            raise DataError(f"{path}:{i}: needs n >= 1 and 0 <= correct <= n, not n {n}, correct {c}")
+        c0, n0 = pooled.get(row["problem"], (0, 0))
+        pooled[row["problem"]] = (c0 + c, n0 + n)
+    if not pooled:
+        raise DataError(f"{path}: no pass-rate rows")
+    return {p: c / n for p, (c, n) in pooled.items()}
+
+
+def percentile(xs, q: float) -> float:
+    """The q-th percentile of xs, linear between the two nearest ranks (numpy's default)."""
+    xs = sorted(xs)
+    k = q / 100 * (len(xs) - 1)
+    i = int(k)
+    return xs[i] + (xs[min(i + 1, len(xs) - 1)] - xs[i]) * (k - i)
+
+
+def keep_by_pass_rate(name: str, rows, path: str, lo: float, hi: float, pct: bool):
+    """The rows whose solve rate lies in [lo, hi] (pct: lo, hi are percentiles of the found rows' rates); the
+    rest counted in one line: below, above, and not in the file (dropped: its difficulty is unknown)."""
+    rates = read_pass_rates(path)
+    found = [rates[r["problem"]] for r in rows if r["problem"] in rates]
+    note = ""
+    if pct and found:
+        note = f" (percentiles {lo:g}-{hi:g} of {len(found)} found)"
+        lo, hi = percentile(found, lo), percentile(found, hi)
+    keep = [r for r in rows if r["problem"] in rates and lo <= rates[r["problem"]] <= hi]
+    low, high = sum(x < lo for x in found), sum(x > hi for x in found)
+    print(f"{name}: pass rate in [{lo:.4g}, {hi:.4g}]{note}: kept {len(keep)} of {len(rows)}, dropped {low} "
+          f"below, {high} above, {len(rows) - len(found)} not in {path}")
+    return keep
+
+
+def pass_band(args):
+    """(lo, hi, in percentiles?) from the band flags, None without --pass-rates; a wrong flag: one line naming
+    it."""
+    rate = {"--min-pass-rate": args.min_pass_rate, "--max-pass-rate": args.max_pass_rate}
+    pct = {"--min-pass-percentile": args.min_pass_percentile,
+           "--max-pass-percentile": args.max_pass_percentile}
+    given = [f for f, x in {**rate, **pct}.items() if x is not None]
+    if not args.pass_rates:
+        if given:
+            sys.exit(f"prepare.py: {given[0]} needs --pass-rates FILE (eval.py --pass-rates writes one)")
+        return None
+    if not given:
+        sys.exit("prepare.py: --pass-rates needs a band: --min-pass-rate/--max-pass-rate (or -percentile)")
+    if not (args.file or args.hub):
+        sys.exit("prepare.py: --pass-rates filters one question set: give it with --file or --hub")
+    if given[0] in rate and given[-1] in pct:
+        sys.exit(f"prepare.py: {given[0]} and {given[-1]}: give a band in rates or in percentiles, not both")
+    band, top = (rate, 1) if given[0] in rate else (pct, 100)
+    (lo_flag, lo), (hi_flag, hi) = band.items()
+    lo, hi = 0 if lo is None else lo, top if hi is None else hi
+    for flag, x in ((lo_flag, lo), (hi_flag, hi)):
+        if not 0 <= x <= top:  # NaN too
+            sys.exit(f"prepare.py: {flag} {x:g} is outside [0, {top}]")
+    if lo > hi:
+        sys.exit(f"prepare.py: {lo_flag} {lo:g} is above {hi_flag} {hi:g}")
+    return lo, hi, top == 100
+
+
 def split_files(repo: str, split: str, names):
     """A split's .jsonl/.parquet files, all shards in order, as hub repos lay them out: train.jsonl, data/train-00000-
     of-00002.parquet, default/train/0000.parquet (--revision refs/convert/parquet: the hub's parquet copy). A split in
@@ -235,8 +318,9 @@ def hub_files(repo: str, split: str, files, revision):  # not run here (no netwo
     return [(path, f"{repo}/{f}") for path, f in zip(paths, files)]
 
 
-def prepare_one(args):
-    """--file / --hub: every row validated, golds the grader cannot match dropped, {problem, answer} written."""
+def prepare_one(args, band):
+    """--file / --hub: every row validated, (band) kept by solve rate, golds the grader cannot match dropped,
+    {problem, answer} written."""
     try:
         if args.file:
             sources, name = [(args.file, args.file)], os.path.basename(args.file).split(".")[0]
@@ -245,6 +329,10 @@ def prepare_one(args):
             name = args.hub.split("/")[-1] + "-" + os.path.basename((args.hub_file or [args.split])[0]).split(".")[0]
         rows = [pick(row, where, args.problem_key, args.answer_key)
                 for path, shown in sources for where, row in source_rows(path, shown)]
+        if band:
+            rows = keep_by_pass_rate(name, rows, args.pass_rates, *band)
+            # a name of its own: the default --out never overwrites the unfiltered set
+            name += f"_{'pct' if band[2] else 'pass'}{band[0]:g}-{band[1]:g}"
         rows = drop_unmatched(name, rows) if rows else []
         if not rows:
             raise DataError(f"{name}: no usable rows")
@@ -268,9 +356,17 @@ def main(argv=None):
     p.add_argument("--revision", help="--hub: branch, tag or commit (default: main; the commit used is printed)")
     p.add_argument("--out", help="output directory (default data/math); with --file/--hub the output file "
                                  "(default data/math/<name>.jsonl)")
+    p.add_argument("--pass-rates", metavar="FILE", help="--file/--hub: keep problems by solve rate, from "
+                   "this eval.py --pass-rates file (problems not in it are dropped)")
+    p.add_argument("--min-pass-rate", type=float, help="--pass-rates: keep rates >= this (default 0)")
+    p.add_argument("--max-pass-rate", type=float, help="--pass-rates: keep rates <= this (default 1)")
+    p.add_argument("--min-pass-percentile", type=float, help="--pass-rates: instead, keep rates >= this "
+                   "percentile of the set's found rates (default 0)")
+    p.add_argument("--max-pass-percentile", type=float, help="--pass-rates: and <= this one (default 100)")
     args = p.parse_args(argv)
+    band = pass_band(args)
     if args.file or args.hub:
-        return prepare_one(args)
+        return prepare_one(args, band)
     args.out = args.out or MATH_DIR
     try:
         math12k, gsm8k, evals = load_local(args.src) if args.src else load_online()

@@ -1,15 +1,17 @@
-"""data/prepare.py --file / --hub: any question set, custom keys, every row validated, golds the grader cannot match
-against themselves dropped and counted. Real runs of the script in a subprocess; the hub itself is not reachable
+"""data/prepare.py --file / --hub: any question set, custom keys, every row validated, golds the grader cannot
+match against themselves dropped and counted, --pass-rates keeping problems by solve rate (by hand, and on
+eval.py's file from the demo model). Real runs of the script in a subprocess; the hub itself is not reachable
 here, so the hub path is tested up to the network (its file picking, and its one-line error when offline)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from conftest import REPO
-from data.prepare import DataError, split_files
+from data.prepare import DataError, percentile, split_files
 from grader import grade
 
 PREPARE = os.path.join(REPO, "data", "prepare.py")
@@ -139,3 +141,139 @@ def test_hub_offline_is_one_line_and_writes_nothing(tmp_path):
     assert p.stderr.startswith("prepare.py: openai/gsm8k: OfflineModeIsEnabled: ") and not out.exists()
     p = run(["--hub", "openai/gsm8k", "--file", "x.jsonl"])  # one source at a time
     assert p.returncode == 2 and "not allowed with argument" in p.stderr
+
+
+# ---- --pass-rates: keep problems by solve rate ---------------------------------------------------------
+def pass_rate_files(tmp_path):
+    """A question set q0..q7 and an eval.py-style pass-rates file covering q0..q5 (q5 in two rows: pooled)."""
+    qs = write_lines(tmp_path / "qs.jsonl", [{"problem": f"q{i}", "answer": str(i)} for i in range(8)])
+    rates = [("q0", 8, 0), ("q1", 8, 8), ("q2", 8, 1), ("q3", 8, 4), ("q4", 8, 7),
+             ("q5", 4, 4), ("q5", 4, 0),
+             ("q6 ", 8, 4),  # not q6: matching is on the exact text
+             ("elsewhere", 8, 4)]  # a problem of another set: ignored
+    pr = write_lines(tmp_path / "pr.jsonl", [dict(benchmark="b", problem=q, gold="0", n=n, correct=c)
+                                             for q, n, c in rates])
+    return qs, pr
+
+
+def test_pass_rates_keep_the_band_and_count_the_rest(tmp_path):
+    qs, pr = pass_rate_files(tmp_path)
+    out = tmp_path / "kept.jsonl"
+    p = run(["--file", str(qs), "--pass-rates", str(pr), "--min-pass-rate", "0.125",
+             "--max-pass-rate", "0.875", "--out", str(out)])
+    assert p.returncode == 0, p.stderr
+    # bounds inclusive (1/8 and 7/8 kept), q5 pooled to 4/8 (its rows alone: 1 and 0), q6 and q7 not found
+    assert p.stdout.splitlines() == [
+        f"qs: pass rate in [0.125, 0.875]: kept 4 of 8, dropped 1 below, 1 above, 2 not in {pr}",
+        f"qs_pass0.125-0.875 4  -> {out}"]  # the default --out would be data/math/qs_pass0.125-0.875.jsonl
+    assert read(out) == [{"problem": f"q{i}", "answer": str(i)} for i in (2, 3, 4, 5)]
+    # one bound alone: the other is 0 or 1
+    p = run(["--file", str(qs), "--pass-rates", str(pr), "--min-pass-rate", "0.5", "--out", str(out)])
+    assert p.stdout.splitlines()[0].startswith("qs: pass rate in [0.5, 1]: kept 4 of 8, dropped 2 below, "
+                                               "0 above")
+    assert [r["problem"] for r in read(out)] == ["q1", "q3", "q4", "q5"]
+    # percentiles of the 6 found rates (0, 1/8, 1/2, 1/2, 7/8, 1): 25th 0.21875, 75th 0.78125
+    p = run(["--file", str(qs), "--pass-rates", str(pr), "--min-pass-percentile", "25",
+             "--max-pass-percentile", "75", "--out", str(out)])
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines() == [
+        f"qs: pass rate in [0.2188, 0.7812] (percentiles 25-75 of 6 found): kept 2 of 8, dropped 2 below, "
+        f"2 above, 2 not in {pr}", f"qs_pct25-75 2  -> {out}"]
+    assert [r["problem"] for r in read(out)] == ["q3", "q5"]
+
+
+def test_percentile_is_numpys_default():
+    np = pytest.importorskip("numpy")
+    xs = [0.5, 0.0, 0.125, 1.0, 0.5, 0.875, 0.25]
+    for q in (0, 10, 25, 50, 62.5, 90, 100):
+        assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)), abs=1e-12)
+    assert percentile([0.3], 40) == 0.3
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"problem": "q1", "n": 8, "correct": ', "invalid JSON (Expecting value)"),
+    ('["q1", 8, 1]', "row is not a JSON object"),
+    ({"n": 8, "correct": 1}, "missing field 'problem'"),
+    ({"problem": "q1", "correct": 1}, "missing field 'n'"),
+    ({"problem": "q1", "n": 8}, "missing field 'correct'"),
+    ({"problem": "q1", "n": 0, "correct": 0}, "needs n >= 1 and 0 <= correct <= n, not n 0, correct 0"),
+    ({"problem": "q1", "n": 8, "correct": 9}, "needs n >= 1 and 0 <= correct <= n, not n 8, correct 9"),
+    ({"problem": "q1", "n": 8, "correct": -1}, "needs n >= 1 and 0 <= correct <= n, not n 8, correct -1"),
+    ({"problem": "q1", "n": "8", "correct": 1}, "'problem' must be a string, 'n' and 'correct' integers"),
+    ({"problem": "q1", "n": 8, "correct": True}, "'problem' must be a string, 'n' and 'correct' integers"),
+], ids=["bad-json", "not-object", "no-problem", "no-n", "no-correct", "n-0", "correct-above-n",
+        "correct-negative", "n-string", "correct-bool"])
+def test_bad_pass_rate_row_names_file_and_line_and_writes_nothing(tmp_path, line, expected):
+    qs, _ = pass_rate_files(tmp_path)
+    pr = write_lines(tmp_path / "bad.jsonl", [{"problem": "q0", "n": 8, "correct": 1}, "", line])
+    out = tmp_path / "out.jsonl"
+    out.write_text("the previous set\n")
+    p = run(["--file", str(qs), "--pass-rates", str(pr), "--max-pass-rate", "0.9", "--out", str(out)])
+    one_line_error(p, f"{pr}:3: {expected}")
+    assert out.read_text() == "the previous set\n" and not os.path.exists(str(out) + ".tmp")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--min-pass-rate", "0.1"], "--min-pass-rate needs --pass-rates FILE (eval.py --pass-rates writes one)"),
+    (["--max-pass-percentile", "90"], "--max-pass-percentile needs --pass-rates FILE (eval.py --pass-rates "
+                                      "writes one)"),
+    (["--pass-rates", "PR"], "--pass-rates needs a band: --min-pass-rate/--max-pass-rate (or -percentile)"),
+    (["--pass-rates", "PR", "--min-pass-rate", "0.8", "--max-pass-rate", "0.2"],
+     "--min-pass-rate 0.8 is above --max-pass-rate 0.2"),
+    (["--pass-rates", "PR", "--min-pass-percentile", "60", "--max-pass-percentile", "40"],
+     "--min-pass-percentile 60 is above --max-pass-percentile 40"),
+    (["--pass-rates", "PR", "--max-pass-rate", "1.5"], "--max-pass-rate 1.5 is outside [0, 1]"),
+    (["--pass-rates", "PR", "--min-pass-rate", "nan"], "--min-pass-rate nan is outside [0, 1]"),
+    (["--pass-rates", "PR", "--min-pass-percentile", "-5"], "--min-pass-percentile -5 is outside [0, 100]"),
+    (["--pass-rates", "PR", "--min-pass-rate", "0.1", "--max-pass-percentile", "90"],
+     "--min-pass-rate and --max-pass-percentile: give a band in rates or in percentiles, not both"),
+    (["--pass-rates", "EMPTY", "--min-pass-rate", "0.1"], "{EMPTY}: no pass-rate rows"),
+    (["--pass-rates", "MISSING", "--min-pass-rate", "0.1"], "{MISSING}: file not found"),
+], ids=["rate-without-file", "percentile-without-file", "file-without-band", "rates-crossed",
+        "percentiles-crossed", "rate-above-1", "rate-nan", "percentile-negative", "both-kinds", "empty-file",
+        "missing-file"])
+def test_pass_rate_flag_errors_in_one_line(tmp_path, flags, expected):
+    qs, pr = pass_rate_files(tmp_path)
+    names = {"PR": str(pr), "EMPTY": str(write_lines(tmp_path / "empty.jsonl", [""])),
+             "MISSING": str(tmp_path / "missing.jsonl")}
+    out = tmp_path / "out.jsonl"
+    p = run(["--file", str(qs), *[names.get(f, f) for f in flags], "--out", str(out)])
+    one_line_error(p, expected.format(**names))
+    assert not out.exists()
+    # --src writes the whole suite: a band on it is refused before anything is read
+    one_line_error(run(["--src", str(tmp_path), "--pass-rates", str(pr), "--max-pass-rate", "0.9"]),
+                   "--pass-rates filters one question set: give it with --file or --hub")
+
+
+def test_pass_rates_from_eval_on_the_demo_model(tmp_path, demo_model_dir):
+    """eval.py --pass-rates on 8 demo problems (4 samples each at temperature 1), then prepare.py keeps those
+    solved 1 to 3 times of 4; the set also holds 2 held-out problems eval.py never saw."""
+    task = os.path.dirname(demo_model_dir)
+    with open(os.path.join(task, "train.jsonl")) as f, open(os.path.join(task, "heldout.jsonl")) as g:
+        train, heldout = f.readlines()[:8], g.readlines()[:2]
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "demo8.jsonl").write_text("".join(train))
+    qs = tmp_path / "qs.jsonl"
+    qs.write_text("".join(train + heldout))
+    ev = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), demo_model_dir, "--data-dir",
+                         str(tmp_path / "bench"), "--benchmarks", "demo8", "-n", "4", "--temperature", "1.0",
+                         "--max-new-tokens", "24", "--engine", "hf", "--workers", "1", "--pass-rates",
+                         "--out", str(tmp_path / "ev.json")], capture_output=True, text=True, timeout=300,
+                        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    pr = tmp_path / "ev.pass_rates.jsonl"
+    rates = {r["problem"]: r["correct"] / r["n"] for r in read(pr)}
+    assert list(rates) == [json.loads(line)["problem"] for line in train]
+    assert {r["n"] for r in read(pr)} == {4}
+    out = tmp_path / "kept.jsonl"
+    p = run(["--file", str(qs), "--pass-rates", str(pr), "--min-pass-rate", "0.25", "--max-pass-rate",
+             "0.75", "--out", str(out)])
+    assert p.returncode == 0, p.stderr
+    line = p.stdout.splitlines()[0]
+    kept, total, low, high, missing = map(int, re.fullmatch(
+        r"qs: pass rate in \[0.25, 0.75\]: kept (\d+) of (\d+), dropped (\d+) below, (\d+) above, "
+        r"(\d+) not in " + re.escape(str(pr)), line).groups())
+    assert (total, missing) == (10, 2) and kept + low + high + missing == total
+    assert low == sum(x < 0.25 for x in rates.values()) and high == sum(x > 0.75 for x in rates.values())
+    assert [r["problem"] for r in read(out)] == [q for q, x in rates.items() if 0.25 <= x <= 0.75]
+    assert kept > 0 and low + high > 0  # the demo model solves some problems sometimes: a real cut
