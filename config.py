@@ -51,6 +51,14 @@ class Config:
                                          # 0 = off
     tis_cap: float = 0.0                 # truncated importance sampling against the sampler's log-probs, cap
                                          # C; 0 = off
+    is_mode: str = "tis"                 # sampler/trainer mismatch, by w = p_old / p_sampler per token: tis
+                                         # (weights min(w, --tis-cap), none if the cap is 0) | token-mask (a
+                                         # token whose w is outside [--is-low, --is-high] leaves the loss) |
+                                         # sequence-mask (a response whose geometric-mean w is outside it
+                                         # leaves the loss whole); a mask with --tis-cap > 0 also weighs the
+                                         # kept tokens by min(w, cap). Masked tokens still count in N
+    is_low: float = 0.5                  # the masks' band, lower end
+    is_high: float = 2.0                 # the masks' band, upper end
     ratio_level: str = "token"           # token, or sequence: one ratio per response (GSPO; eps 3e-4 / 4e-4)
     format_reward: float = 0.0           # + W for a response in the template's format (Open-R1: 0.2; paper 0)
     dynamic_sampling: bool = False       # DAPO: drop groups whose rewards are all equal, sample more prompts
@@ -82,6 +90,9 @@ class Config:
     seed: int = 42                       # one seed for data order, sampling and init, shared by all ranks
     # system
     engine: str = "auto"                 # rollout engine: vllm | hf (transformers generate) | auto
+    sampler_dtype: str = "auto"          # the engine's dtype: auto (bfloat16 on GPU, the trainer's float32 on
+                                         # CPU) | bfloat16 | float32; bfloat16 on CPU: a real mismatch to try
+                                         # --is-mode on
     gpu_memory_utilization: float = 0.35  # vLLM's share of each GPU (it sleeps during the update)
     grad_checkpointing: bool = True      # recompute activations in backward (long responses)
     grader_workers: int = 4              # grader processes per rank
@@ -250,6 +261,12 @@ def check_config(cfg: Config, world: int) -> str:
         return f"--lr-schedule must be constant or cosine, got {cfg.lr_schedule!r}"
     if cfg.engine not in ("auto", "vllm", "hf"):
         return f"--engine must be auto, vllm or hf, got {cfg.engine!r}"
+    if cfg.is_mode not in ("tis", "token-mask", "sequence-mask"):
+        return f"--is-mode must be tis, token-mask or sequence-mask, got {cfg.is_mode!r}"
+    if not 0 < cfg.is_low <= 1 <= cfg.is_high:
+        return f"--is-low {cfg.is_low} and --is-high {cfg.is_high} must bracket 1 (0 < low <= 1 <= high)"
+    if cfg.sampler_dtype not in ("auto", "bfloat16", "float32"):
+        return f"--sampler-dtype must be auto, bfloat16 or float32, got {cfg.sampler_dtype!r}"
     if not 0 <= cfg.overlong_penalty < cfg.max_new_tokens:
         return "--overlong-penalty must be in [0, --max-new-tokens)"
     return ""

@@ -118,9 +118,10 @@ def by_response(rewards, adv):
 
 
 def policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp, tis_cap,
-                ratio_level):
-    """Per-token loss (B, T): PPO clipped surrogate (clip-higher: separate eps), optional TIS weight and k3 KL.
-    Each token's advantage is its response's, adv[seq]. Returns the loss with the token-sum metrics."""
+                ratio_level, is_mode="tis", is_band=(0.5, 2.0)):
+    """Per-token loss (B, T): PPO clipped surrogate (clip-higher: separate eps), the sampler correction and
+    an optional k3 KL. Each token's advantage is its response's, adv[seq]. Returns the loss with the
+    token-sum metrics."""
     a = adv[seq]                                                                 # (B, T)
     keep = m > 0  # where(), not a product: whatever padding holds (inf, nan) cannot reach the loss or gradient
     log_ratio = torch.where(keep, logp - old_logp, 0.0)                          # (B, T)
@@ -137,10 +138,9 @@ def policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, 
         metrics = {"tokens": m.sum(), "clip_frac_low": (low * m).sum(), "clip_frac_high": (high * m).sum(),
                    "approx_kl": ((ratio - 1 - log_ratio) * m).sum(),  # k3 estimate of KL(old || new)
                    "ratio_mean": (ratio * m).sum()}
-    if tis_cap is not None:  # the sampler (e.g. vLLM, other kernels) is not exactly the trainer's old policy
-        w = torch.where(keep, old_logp - sampler_logp, 0.0).exp().clamp(max=tis_cap).detach()  # (B, T)
-        per_tok = per_tok * w
-        metrics["tis_weight"] = (w * m).sum()
+    if tis_cap is not None or is_mode != "tis":  # the sampler (vLLM's kernels) is not the trainer's policy
+        log_w = old_logp - sampler_logp                                          # (B, T) log p_old / p_sampler
+        per_tok = per_tok * sampler_correction(log_w, seq, m, adv, tis_cap, is_mode, is_band, metrics)
     if beta > 0:
         d = torch.where(keep, ref_logp - logp, 0.0)                              # (B, T)
         kl = d.exp() - d - 1  # k3 estimator of KL(new || ref): unbiased, >= 0    # (B, T)
@@ -149,10 +149,36 @@ def policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, 
     return per_tok, metrics
 
 
+def sampler_correction(log_w, seq, m, adv, tis_cap, is_mode: str, is_band: tuple, metrics: dict):
+    """(B, T) detached factor on the per-token loss, from log w = log p_old / p_sampler per token. "tis": the
+    truncated weight min(w, tis_cap). "token-mask": 0 for a token whose w lies outside is_band.
+    "sequence-mask": 0 for every token of a response whose geometric-mean w lies outside it. A mask may
+    combine with tis_cap (the weights then apply to the kept tokens). A factor, not a change to the loss mask:
+    GRPO's |o_i| and every N still count the masked tokens."""
+    keep = m > 0
+    log_w = torch.where(keep, log_w, 0.0).detach()                               # (B, T)
+    factor = log_w.exp().clamp(max=tis_cap) if tis_cap is not None else torch.ones_like(log_w)  # (B, T)
+    if tis_cap is not None:
+        metrics["tis_weight"] = (factor * m).sum()
+    if is_mode == "tis":
+        return factor
+    lo, hi = torch.tensor(is_band, dtype=log_w.dtype).log()
+    count = torch.zeros_like(adv, dtype=m.dtype).index_add(0, seq.flatten(), m.flatten())  # (S,) |o_i|
+    if is_mode == "sequence-mask":  # the response's geometric-mean ratio, on each of its tokens
+        total = torch.zeros_like(count).index_add(0, seq.flatten(), log_w.flatten())  # (S,)
+        log_w = torch.where(keep, (total / count.clamp(min=1))[seq], 0.0)       # (B, T)
+    out = keep & ((log_w < lo) | (log_w > hi))                                   # (B, T) masked tokens
+    hit = torch.zeros_like(count).index_add(0, seq.flatten(), out.flatten().to(m.dtype))  # (S,)
+    metrics.update(is_masked=out.sum().to(m.dtype), is_masked_responses=(hit > 0).sum().to(m.dtype),
+                   responses=(count > 0).sum().to(m.dtype))
+    return torch.where(out, 0.0, factor)
+
+
 def mean_metrics(summed: dict) -> dict:
-    """Token sums (added over micro-batches and ranks) -> per-token means."""
-    n = max(float(summed["tokens"]), 1.0)
-    return {k: float(v) if k == "tokens" else float(v) / n for k, v in summed.items()}
+    """Sums (added over micro-batches and ranks) -> means: per token, and *_responses per response."""
+    n, r = max(float(summed["tokens"]), 1.0), max(float(summed.get("responses", 0)), 1.0)
+    return {k: float(v) if k in ("tokens", "responses") else float(v) / (r if k.endswith("_responses") else n)
+            for k, v in summed.items()}
 
 
 # ---- GRPO (DeepSeekMath) ---------------------------------------------------------------------------------------
@@ -165,12 +191,13 @@ def grpo_advantages(rewards, group_size: int):
 
 
 def grpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, eps_low=0.2, eps_high=0.2, beta=0.0,
-              ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token"):
+              ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token", is_mode="tis",
+              is_band=(0.5, 2.0)):
     """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
     Returns (sum_i L_i / n_responses, metrics)."""
     m = mask.to(logp.dtype)                                                      # (B, T)
     per_tok, metrics = policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
-                                   tis_cap, ratio_level)                         # (B, T)
+                                   tis_cap, ratio_level, is_mode, is_band)       # (B, T)
     # Bias 2 (length): token MEAN over the response's own length |o_i|.
     o_len = torch.zeros_like(adv, dtype=m.dtype).index_add_(0, seq.flatten(), m.flatten())  # (S,) |o_i|
     per_resp = (per_tok * m / o_len[seq].clamp(min=1)).sum()                     # sum_i L_i
@@ -187,12 +214,13 @@ def drgrpo_advantages(rewards, group_size: int):
 
 
 def drgrpo_loss(logp, old_logp, adv, seq, mask, n_responses: int, max_new_tokens: int, eps_low=0.2, eps_high=0.2,
-                beta=0.0, ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token"):
+                beta=0.0, ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token", is_mode="tis",
+                is_band=(0.5, 2.0)):
     """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
     Returns (sum_i L_i / n_responses, metrics)."""
     m = mask.to(logp.dtype)                                                      # (B, T)
     per_tok, metrics = policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
-                                   tis_cap, ratio_level)                         # (B, T)
+                                   tis_cap, ratio_level, is_mode, is_band)       # (B, T)
     # No bias 2: token SUM over a CONSTANT, the generation budget, the same for every response.
     per_resp = (per_tok * m / max_new_tokens).sum()                              # sum_i L_i
     return per_resp / n_responses, metrics
@@ -208,12 +236,13 @@ def dapo_advantages(rewards, group_size: int):
 
 
 def dapo_loss(logp, old_logp, adv, seq, mask, n_tokens: int, eps_low=0.2, eps_high=0.2, beta=0.0,
-              ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token"):
+              ref_logp=None, sampler_logp=None, tis_cap=None, ratio_level="token", is_mode="tis",
+              is_band=(0.5, 2.0)):
     """logp, old_logp, seq, mask: (B, T) tokens of this micro-batch; adv (S,) per response, seq in [0, S).
     Returns (sum_t l_t / n_tokens, metrics)."""
     m = mask.to(logp.dtype)                                                      # (B, T)
     per_tok, metrics = policy_term(logp, old_logp, adv, seq, m, eps_low, eps_high, beta, ref_logp, sampler_logp,
-                                   tis_cap, ratio_level)                         # (B, T)
+                                   tis_cap, ratio_level, is_mode, is_band)       # (B, T)
     # Token level: a token SUM over the minibatch over its number of loss tokens (global, counted by the caller).
     per_resp = (per_tok * m).sum()                                               # sum_i sum_t l_t
     return per_resp / n_tokens, metrics

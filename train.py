@@ -98,6 +98,7 @@ class Run:
     device: torch.device
     tokenizer: object
     model_path: str        # the model's local directory (a hub model's is in the hub cache)
+    pad_id: int = 0        # the token of an empty micro-step's one-token row (nothing is learned from it)
     model: object = None
     ref: object = None     # the reference model, only when the KL term is on (beta > 0)
     opt: object = None
@@ -205,9 +206,10 @@ def build(run: Run, total_steps: int, max_model_len: int):
         run.ref = build_policy(run.model_path, run.device, cfg.seed, grad_checkpointing=False)
         run.ref.eval().requires_grad_(False)
     # vLLM seeds the global RNGs when it starts: start it before a checkpoint restores them.
+    auto = "bfloat16" if run.device.type == "cuda" else "float32"  # on CPU: the trainer's fp32
     try:
         run.engine = make_engine(cfg.engine, run.model_path, seed=cfg.seed,
-                                 dtype="bfloat16" if run.device.type == "cuda" else "float32",
+                                 dtype=auto if cfg.sampler_dtype == "auto" else cfg.sampler_dtype,
                                  max_model_len=max_model_len, colocated=True, sleep_level=cfg.sleep_level,
                                  gpu_memory_utilization=cfg.gpu_memory_utilization)
     except ValueError as e:  # vLLM's start-up: too little memory left for its KV cache
@@ -401,10 +403,6 @@ def plan_update(run: Run, batch: dict, it: int):
     return seqs, plans, adv_stats
 
 
-def pad_id(tokenizer) -> int:  # the token of an empty micro-step's one-token row (nothing learned from it)
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def old_logprobs(run: Run, seqs: list, plans: list):
     """5. Old log-probs by the trainer (not the sampler's), before any update of this batch, in the rows where
     epoch 0 trains them; and the reference's, with the KL term on. The first minibatch needs no separate
@@ -415,7 +413,7 @@ def old_logprobs(run: Run, seqs: list, plans: list):
     with torch.no_grad():
         for k, (_, plan) in enumerate(plans[0]):
             models = ([(run.model, old)] if k > 0 else []) + ([(ref, ref_old)] if ref is not None else [])
-            for row in (packed_row(seqs, step[run.rank], pad_id(run.tokenizer)) for step in plan):
+            for row in (packed_row(seqs, step[run.rank], run.pad_id) for step in plan):
                 ids, pos, tm = (row[key].to(run.device) for key in ("ids", "pos", "resp"))
                 size = f"a packed row of {ids.shape[1]} tokens"
                 for model, out in models:
@@ -431,7 +429,7 @@ def objective(cfg: Config):
     """The loss function of --algo and its keyword arguments."""
     loss_fn = {"grpo": L.grpo_loss, "drgrpo": L.drgrpo_loss, "dapo": L.dapo_loss}[cfg.algo]
     kw = dict(eps_low=cfg.eps_low, eps_high=cfg.eps_high, beta=cfg.beta, tis_cap=cfg.tis_cap or None,
-              ratio_level=cfg.ratio_level)
+              ratio_level=cfg.ratio_level, is_mode=cfg.is_mode, is_band=(cfg.is_low, cfg.is_high))
     if cfg.algo == "drgrpo":
         kw["max_new_tokens"] = cfg.max_new_tokens
     return loss_fn, kw
@@ -453,7 +451,7 @@ def optimize(run: Run, seqs: list, plans: list, old: dict, ref_old: dict):
             old = {i: v for part in gather_all(old, run.world) for i, v in part.items()}
             ref_old = {i: v for part in gather_all(ref_old, run.world) for i, v in part.items()}
         for k, (N, plan) in enumerate(minibatches):
-            for row in (packed_row(seqs, step[run.rank], pad_id(run.tokenizer)) for step in plan):
+            for row in (packed_row(seqs, step[run.rank], run.pad_id) for step in plan):
                 size = f"a packed row of {row['ids'].shape[1]} tokens"
                 with out_of_memory("the update", size, UPDATE_FLAGS):
                     m = micro_step(run, seqs, row, old, ref_old, N, first=epoch == 0 and k == 0)
@@ -595,6 +593,8 @@ def log_iteration(logs: Logs, rec: dict, batch: dict, cfg: Config, rank: int):
             f"sync {rec['t_sync']:.1f})")
     if cfg.dynamic_sampling:
         line += f" | drop {rec['dropped_group_frac']:.2f} x{rec['sampling_rounds']}"
+    if "is_masked" in rec:  # --is-mode token-mask / sequence-mask: the share of tokens / responses masked
+        line += f" | masked {rec['is_masked']:.3f}/{rec['is_masked_responses']:.3f}"
     if "eval_accuracy" in rec:
         line += f" | eval {100 * rec['eval_accuracy']:.1f}%"
     if f"eval_pass@{cfg.eval_n}" in rec:
@@ -647,7 +647,7 @@ def main(argv=None):
     latest = claim_out_dir(cfg, rank, world, device)  # only now is anything cleaned or written
     iterations = min(cfg.iterations, math.ceil(cfg.passes * len(questions) / cfg.rollout_batch))
     steps_per_iter = cfg.ppo_epochs * cfg.rollout_batch * cfg.group_size // cfg.train_batch
-    run = Run(cfg, rank, world, device, tokenizer, model_path)
+    run = Run(cfg, rank, world, device, tokenizer, model_path, tokenizer.pad_token_id or 0)
     build(run, iterations * steps_per_iter, context)
     start = resume(run, latest)
     logs = open_logs(run, heldout, start, iterations)

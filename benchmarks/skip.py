@@ -12,7 +12,6 @@ def bench_skip(argv):
     import socket
     import statistics
     import time
-    import types
     import warnings
 
     import torch
@@ -52,7 +51,7 @@ def bench_skip(argv):
             m.set_gradient_divide_factor(1.0)
     os.environ["WORLD_SIZE"] = "1"
     run = train.Run(train.parse_config(["--beta", "0", "--max-new-tokens", str(args.max_new)]), 0, 1, device,
-                    types.SimpleNamespace(pad_token_id=0), "")  # stand-in tokenizer: only its pad id is read
+                    tokenizer=None, model_path="")  # optimize reads neither
     run.model = model
     run.opt = torch.optim.AdamW(model.parameters(), lr=1e-6, betas=(0.9, 0.95), weight_decay=0.0)
     run.sched = torch.optim.lr_scheduler.LambdaLR(run.opt, lambda step: 1.0)

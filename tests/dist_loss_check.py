@@ -97,11 +97,13 @@ BETA = {"grpo": 0.05, "drgrpo": 0.0, "dapo": 0.0}  # loss_of's KL weights: what 
 
 def loss_of(algo: str, seqs: list, logp, old, adv, seq, mask, ref, sampler):
     """Each objective with a different option switched on, so every code path is covered."""
-    if algo == "grpo":  # clip-higher and the k3 KL
-        return L.grpo_loss(logp, old, adv, seq, mask, N, eps_high=0.28, beta=BETA[algo], ref_logp=ref)
-    if algo == "dapo":  # GSPO's sequence-level ratio; n_tokens: the minibatch's loss tokens, counted once
+    if algo == "grpo":  # clip-higher, the k3 KL, the token mask of --is-mode
+        return L.grpo_loss(logp, old, adv, seq, mask, N, eps_high=0.28, beta=BETA[algo], ref_logp=ref,
+                           sampler_logp=sampler, is_mode="token-mask", is_band=(0.5, 2.0))
+    if algo == "dapo":  # GSPO's sequence-level ratio, the sequence mask; n_tokens: the minibatch's loss tokens
         n_tokens = sum(len(s["ids"]) - s["prompt"] for s in seqs if s["keep"])
-        return L.dapo_loss(logp, old, adv, seq, mask, n_tokens, eps_high=0.28, ratio_level="sequence")
+        return L.dapo_loss(logp, old, adv, seq, mask, n_tokens, eps_high=0.28, ratio_level="sequence",
+                           sampler_logp=sampler, is_mode="sequence-mask", is_band=(0.7, 1.4))
     return L.drgrpo_loss(logp, old, adv, seq, mask, N, MAX_NEW, tis_cap=1.5, sampler_logp=sampler)
 
 

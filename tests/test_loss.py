@@ -108,6 +108,47 @@ def test_sequence_ratio_is_gspo():
         (3 * s0 + 2 * s1) / 5)
 
 
+def mismatch_batch(w0=(1.2, 3.0, 1.0)):
+    """2 responses at ratio 1 (old = logp): A = +1 with sampler weights w = p_old / p_sampler of w0, A = -1 with
+    w (0.3, 0.3, [masked])."""
+    logp = torch.zeros(2, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.tensor([list(w0), [0.3, 0.3, 9.0]], dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    return logp, -w.log(), torch.tensor([1.0, -1.0], dtype=torch.float64), mask  # sampler = old - log w
+
+
+# --is-mode by hand, band [0.5, 2]. Per-token terms -A: -1, -1, -1 | +1, +1. Dr. GRPO: token sums / 4, / N = 2.
+# GRPO: token means over |o_i| = 3 and 2, which a mask must not shrink (a factor, not a change to the loss mask).
+@pytest.mark.parametrize("mode, cap, drgrpo, grpo, masked, masked_responses", [
+    ("tis", 2.0, (-(1.2 + 2 + 1) + 0.6) / 4 / 2, (-4.2 / 3 + 0.3) / 2, None, None),   # weights min(w, 2)
+    ("token-mask", None, -2 / 4 / 2, -2 / 3 / 2, 3, 2),      # w 3.0 out; w 0.3, 0.3 out: both responses hit
+    ("token-mask", 1.5, -2.2 / 4 / 2, -2.2 / 3 / 2, 3, 2),   # the kept tokens weighed by min(w, 1.5)
+    ("sequence-mask", None, -3 / 4 / 2, -3 / 3 / 2, 2, 1),   # geometric means 3.6^(1/3) = 1.53 in, 0.3 out
+])
+def test_sampler_mismatch_modes_hand_values(mode, cap, drgrpo, grpo, masked, masked_responses):
+    for algo, want in (("drgrpo", drgrpo), ("grpo", grpo)):
+        logp, sampler, adv, mask = mismatch_batch()
+        extra = (4,) if algo == "drgrpo" else ()
+        loss, m = getattr(L, f"{algo}_loss")(logp, logp.detach(), adv, rows_seq(mask.shape), mask, 2, *extra,
+                                             sampler_logp=sampler, tis_cap=cap, is_mode=mode,
+                                             is_band=(0.5, 2.0))
+        assert loss.item() == pytest.approx(want, rel=1e-9), (mode, cap, algo)
+        loss.backward()
+        assert logp.grad[~mask].abs().max() == 0
+        if masked is not None:  # counted: tokens, and responses with any masked token
+            assert (m["is_masked"], m["is_masked_responses"], m["responses"]) == (masked, masked_responses, 2)
+            means = L.mean_metrics({k: v for k, v in m.items()})
+            assert means["is_masked"] == pytest.approx(masked / 5)
+            assert means["is_masked_responses"] == pytest.approx(masked_responses / 2)
+        else:
+            assert "is_masked" not in m
+    # DAPO: N is the minibatch's 5 loss tokens, masked ones included (fixed before the first forward)
+    logp, sampler, adv, mask = mismatch_batch()
+    loss, _ = L.dapo_loss(logp, logp.detach(), adv, rows_seq(mask.shape), mask, 5, sampler_logp=sampler,
+                          is_mode="sequence-mask", is_band=(0.5, 2.0))
+    assert loss.item() == pytest.approx(-3 / 5)
+
+
 def response_batch(lengths, T=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     mask = torch.arange(T)[None] < torch.tensor(lengths)[:, None]                # (B, T)

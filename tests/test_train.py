@@ -366,7 +366,7 @@ if __name__ == "__main__":
     rank, world, device = model.setup_distributed(1, 5)
     seen, make = [], rollout.make_engine
     rollout.make_engine = lambda *a, **k: (e := make(*a, **k), seen.append(torch.get_float32_matmul_precision()))[0]
-    train.build(train.Run(cfg, rank, world, device, None, sys.argv[2]), total_steps=1)
+    train.build(train.Run(cfg, rank, world, device, None, sys.argv[2]), total_steps=1, max_model_len=192)
     print("precision", seen[0], torch.get_float32_matmul_precision())
 """
 
