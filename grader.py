@@ -728,11 +728,11 @@ class GraderPool(contextlib.AbstractContextManager):
                     continue
                 k = int(progress[0])  # the response it hangs on, -1 if none; those before it died with it
                 dead = 0 if k >= 0 else dead + 1
-                if dead == 3:  # never a silent 0 for every response
-                    raise RuntimeError("grader workers died at start-up 3 times in a row (see above): they "
-                                       "re-import __main__: run from a file, not stdin or a notebook cell")
                 proc.kill()
                 proc.join()
+                if dead == 3:  # never a silent 0 for every response
+                    raise RuntimeError(f"grader workers died at start-up 3 times in a row (exit {proc.exitcode}):"
+                                       " likely __main__ re-imported: run from a file, not stdin or a notebook")
                 conn.close()
                 self._slots[w], self.timeouts = self._start(), self.timeouts + (k >= 0)
                 done = chunk[:max(k, 0)]  # graded, but its results died with the worker

@@ -107,6 +107,8 @@ def zero_grads(model):
     """Zero gradients, each with its parameter's sharding (a DTensor like it): an optimizer step with nothing
     to compute on any rank still steps AdamW (momentum, step count), as the zero gradient of its responses
     would; a None gradient would make AdamW skip the parameter instead."""
+    if hasattr(model, "reshard"):  # FSDP2 keeps the root gathered after a no-grad forward (old_logprobs'):
+        model.reshard()            # its parameters would be full tensors, not the shards AdamW holds
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
 

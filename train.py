@@ -30,6 +30,7 @@ from loss import shape_rewards  # noqa: E402, F401 (tests use train.shape_reward
 from model import (all_sum, exit_with_parent, gather_all, hub_download, locate_model, print0,  # noqa: E402
                    zero_grads)
 from packing import at_responses, balance, packed_row, per_response, responses, trains  # noqa: E402
+from templates import get_template  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------------------
 # Data: a jsonl question set, and an order that every rank derives from the one shared seed.
@@ -90,8 +91,7 @@ def request_seed(seed: int, iteration: int, position: int, round_: int = 0) -> i
 
 @dataclass
 class Run:
-    """What every phase shares: where this process is, the models, optimizer, schedule, engine, grader pool.
-    The phases take it and what they need besides, and return what the next needs."""
+    """What every phase shares (rank, models, optimizer, engine, grader pool); the rest is passed explicitly."""
     cfg: Config
     rank: int
     world: int
@@ -517,7 +517,7 @@ def iteration_record(run: Run, it: int, batch: dict, seqs: list, plans: list, ad
     finite = mismatch == mismatch  # nan when this rank had no usable sampler log-prob
     ok_tokens = sum(int(seqs[i]["ok"].sum()) for i in old) if finite else 0  # weighs each rank's mean
     rows_tokens = [[sum(len(seqs[i]["ids"]) for i in row) for row in step]
-                   for minibatches in plans for _, plan in minibatches for step in plan] or [[1]]  # all ranks
+                   for minibatches in plans for _, plan in minibatches for step in plan]  # all ranks
     s = all_sum({"reward": batch["rewards"].sum(), "correct": correct.sum(),
                  "formatted": batch["formatted"].sum(), "truncated": batch["truncated"].sum(),
                  "len_ok": lengths[ok].sum(), "n_ok": ok.sum(),
@@ -544,7 +544,8 @@ def iteration_record(run: Run, it: int, batch: dict, seqs: list, plans: list, ad
            "adv_std": adv_stats["adv_std"], "grader_timeouts": s["timeouts"],  # adv_std: rank 0's groups
            "grader_errors": s["grader_errors"],  # grader exceptions: each scored 0
            # real tokens / tokens the update paid for (each micro-step costs world x its busiest row)
-           "update_token_efficiency": sum(map(sum, rows_tokens)) / (world * sum(map(max, rows_tokens))),
+           "update_token_efficiency": sum(map(sum, rows_tokens)) / (world * sum(map(max, rows_tokens)))
+           if rows_tokens else math.nan,
            "t_generate": t["rollout"] - t["start"] - s["t_grade"] / world, "t_grade": s["t_grade"] / world,
            "t_train": t["update"] - t["rollout"], "t_sync": t["sync"] - t["update"],
            "tokens_per_s": s["len"] / (t["sync"] - t["start"])}
@@ -604,8 +605,8 @@ def log_iteration(logs: Logs, rec: dict, batch: dict, cfg: Config, rank: int):
     if logs.flat == FLAT_ITERATIONS and it == FLAT_ITERATIONS:  # said once, and the run goes on
         logs.bar.write(f"train.py: note: in each of the first {it} iterations every group's rewards were "
                        f"equal (mean reward {rec['reward']:.2f}): no advantage, so nothing is learned. Check "
-                       f"the golds of --questions, the --template's answer format and the grader on "
-                       f"{logs.samples}")
+                       f"the golds of --questions, the --template's answer format and the grader (responses "
+                       f"go to {logs.samples} every --log-samples-every {cfg.log_samples_every} iterations)")
     with open(logs.metrics, "a") as f:
         f.write(json.dumps(rec) + "\n")
     if logs.wandb is not None:
@@ -641,7 +642,6 @@ def main(argv=None):
     cfg = parse_config(argv)
     model_path = locate_model(cfg.model, hub_download)
     rank, world, device = start_process(cfg, parent)
-    from templates import get_template
     template = get_template(cfg.template)
     tokenizer, generation_config, questions, heldout, context = load_inputs(cfg, model_path, rank, device)
     latest = claim_out_dir(cfg, rank, world, device)  # only now is anything cleaned or written
@@ -680,20 +680,20 @@ def main(argv=None):
 def run_main(argv=None):
     """main(), with two endings as one line of ours and no traceback: Ctrl-C (torchrun passes SIGINT to every
     rank), and a rank whose peer failed (the peer's line says why; torchrun then stops this one)."""
+    rank = os.environ.get("RANK", "0")
     try:
         main(argv)
     except KeyboardInterrupt:
         done = checkpoint.step_dirs(parse_config(argv).out_dir)
-        print0("train.py: interrupted; " + (f"the last complete checkpoint is {done[-1]}: the same command "
-                                            "resumes from it" if done else "no checkpoint was written yet"),
-               rank=int(os.environ.get("RANK", 0)))
+        print0("train.py: interrupted; " + (f"the last complete checkpoint is {done[-1]}" if done else
+                                            "no checkpoint was written yet"), rank=int(rank))
         sys.exit(130)
-    except RuntimeError as e:
-        peer_gone = isinstance(e, torch.distributed.DistError) or "closed by peer" in str(e)
-        if not peer_gone or int(os.environ.get("WORLD_SIZE", 1)) == 1:
+    except RuntimeError as e:  # gloo's words for a peer process that is gone (NCCL waits for torchrun)
+        peer_gone = any(w in str(e) for w in ("closed by peer", "reset by peer", "Broken pipe"))
+        if os.environ.get("WORLD_SIZE", "1") == "1" or not peer_gone:
             raise
         time.sleep(30)  # torchrun ends this rank first, unless it has not noticed; then one line
-        sys.exit(f"train.py: rank {os.environ.get('RANK')}: another rank stopped ({str(e).splitlines()[0]})")
+        sys.exit(f"train.py: rank {rank}: another rank stopped ({type(e).__name__}: {str(e)[:200]})")
 
 
 if __name__ == "__main__":

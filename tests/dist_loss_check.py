@@ -151,10 +151,14 @@ def packed_grads(model, seqs: list, algo: str, budget: int, rank: int, world: in
 def adamw_after(model, seqs: list, rank: int, world: int, skip: bool = False) -> list:
     """Parameters and AdamW state (full tensors, as lists) after a real step, then a step on a minibatch whose
     rewards are all equal: computed (today's zero gradient) or left out entirely (skip); weights restored."""
+    model.zero_grad(set_to_none=True)  # nothing left from earlier checks (while the root is still sharded)
     start = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
     for minibatch, skipping in ((seqs, False), ([dict(s, reward=1.0) for s in seqs], skip)):
+        with torch.no_grad():  # as train.py's old_logprobs: FSDP2 leaves the root gathered after it
+            model(input_ids=seqs[0]["ids"][None], use_cache=False)
         packed_grads(model, minibatch, "drgrpo", 30, rank, world, skip=skipping)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as train.py: mixed tensors would raise here
         opt.step()
         opt.zero_grad(set_to_none=True)
     full = lambda t: (t.full_tensor() if hasattr(t, "full_tensor") else t).tolist()  # noqa: E731
