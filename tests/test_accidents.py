@@ -234,7 +234,9 @@ def test_nothing_learned_is_said_and_ctrl_c_is_one_line(tmp_path, demo_model_dir
     last = sorted(d for d in os.listdir(out) if d.startswith("step_"))[-1]
     ours_ = [line for line in lines if line.startswith("train.py: ") and "note:" not in line]
     assert ours_ == [f"train.py: interrupted; the last complete checkpoint is {out / last}"], text[-3000:]
-    assert "KeyboardInterrupt" not in text and '.py", line' not in text.split("SignalException")[0], text[-3000:]
+    # no traceback from our code or a grader worker (torchrun prints its own SignalException traceback)
+    assert not [w for w in ('train.py", line', 'grader.py", line', "ForkServerProcess", "KeyboardInterrupt",
+                            "EOFError") if w in text], text[-3000:]
     # every reward 0, beta 0: no response can move the gradient, so the update ran no forward pass at all,
     # yet AdamW stepped (the schedule advanced) and the sync check says "not measured", not "perfect"
     recs = [json.loads(line) for line in open(out / "metrics.jsonl")][1:]
