@@ -303,12 +303,10 @@ def make_engine(kind: str, model_path: str, **kw):
 
 
 def fsdp_full_tensors(model):
-    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, grouped by the
-    FSDP module that shards it: the root's (embeddings, final norm, head) first, then each layer's, each one
-    gathered ONCE (unshard(): one all-gather, where full_tensor() per parameter would be ~12 collectives; on
-    gloo most of the sync time). One module at a time, so no rank holds a second full copy (beyond what the
-    consumer keeps). Tied weights appear once, as in an HF checkpoint. Every rank iterates in the same order,
-    to the end. Unsharded models pass through."""
+    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, one FSDP module at
+    a time, each gathered ONCE (unshard(): one all-gather, not ~12 full_tensor() calls): the root's (embeddings,
+    norm, head) first, then each layer's, so no rank holds a second full copy. Tied weights appear once, as in an
+    HF checkpoint. Every rank iterates in the same order, to the end. Unsharded models pass through."""
     from torch.distributed.fsdp import FSDPModule
     owner = {}  # parameter name -> (the innermost FSDP module that shards it, the name inside that module)
     for prefix, m in model.named_modules():  # outer modules first; inner ones overwrite their parameters
