@@ -303,9 +303,9 @@ def make_engine(kind: str, model_path: str, **kw):
 
 
 def fsdp_full_tensors(model):
-    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, one FSDP module at
-    a time, each gathered ONCE (unshard(): one all-gather, not ~12 full_tensor() calls): the root's (embeddings,
-    norm, head) first, then each layer's, so no rank holds a second full copy. Tied weights appear once, as in an
+    """Yield (HF name, full tensor) for every parameter of a (possibly FSDP2-sharded) model, one FSDP module
+    at a time, each gathered ONCE (unshard(): one all-gather, not ~12 full_tensor() calls): the root's (embed,
+    norm, head) first, then each layer's; no rank holds a second full copy. Tied weights appear once, as in an
     HF checkpoint. Every rank iterates in the same order, to the end. Unsharded models pass through."""
     from torch.distributed.fsdp import FSDPModule
     owner = {}  # parameter name -> (the innermost FSDP module that shards it, the name inside that module)
