@@ -182,14 +182,14 @@ def parse_config(argv=None) -> Config:
     return cfg
 
 
-def fail(msg: str):
+def fail(msg: str, prog: str = "train.py"):
     """A config or data error: one line, by rank 0. The other ranks wait for torchrun to stop them (rank 0 may
-    get here seconds after them); one still alive 20 s later failed alone, and says why."""
+    get here seconds after them); one still alive 20 s later failed alone, and says why. eval.py's too."""
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0:
-        sys.exit(f"train.py: {msg}")
+        sys.exit(f"{prog}: {msg}")
     time.sleep(20)  # still alive: rank 0 did not fail with us (e.g. a file missing on this node only)
-    sys.exit(f"train.py: rank {rank}: {msg}")
+    sys.exit(f"{prog}: rank {rank}: {msg}")
 
 
 @contextlib.contextmanager

@@ -19,7 +19,9 @@ import re
 import time
 
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # as train.py: no vLLM-CPU NUMA note
+import config  # noqa: E402
 from data import prepare  # noqa: E402
+from model import local_path  # noqa: E402
 from templates import TEMPLATES, get_template, render  # noqa: E402
 
 BENCHMARKS = ("aime24", "amc23", "math500", "minerva", "olympiadbench")
@@ -134,12 +136,8 @@ def evaluate(engine, pool, rows, template, *, n, temperature, top_p, max_new_tok
 
 # ---- command line ----------------------------------------------------------------------------------------
 
-def fail(msg: str):
-    """One line: under torchrun by rank 0, or 20 s later by a rank that failed alone (as config.fail)."""
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        time.sleep(20)
-    raise SystemExit(f"eval.py: {f'rank {rank}: ' if rank else ''}{msg}")
+def fail(msg: str):  # one line, printed once under torchrun (config.fail)
+    config.fail(msg, prog="eval.py")
 
 
 def read_jsonl(path: str, required: tuple) -> list:
@@ -169,7 +167,7 @@ def resolve_model(path: str, template):
                 fail(f"unreadable checkpoint config {cfg_file} ({type(e).__name__}: {e})")
     elif os.path.exists(path):
         fail(f"{path} is not a model directory")
-    elif path.startswith((".", "/", "~")) or path.endswith("/") or os.path.exists(path.split("/")[0]):
+    elif local_path(path):
         fail(f"{path}: no such directory")
     # else: a hub name such as Qwen/Qwen2.5-Math-7B, resolved by the engine.
     if (template or DEFAULT_TEMPLATE) not in TEMPLATES:

@@ -79,6 +79,11 @@ def print0(*args, rank: int = 0):
         print(*args, flush=True)
 
 
+def local_path(name: str) -> bool:
+    """A path, never a hub name: it starts with /, . or ~, ends with /, or its first component exists here."""
+    return name.startswith(("/", ".", "~")) or name.endswith("/") or os.path.exists(name.split("/")[0])
+
+
 def locate_model(name: str, download) -> str:
     """The model's local directory. A name whose first component exists here (or that starts with /, . or ~)
     is a local path, never a hub name; a hub name is fetched into the hub cache now, before the process
@@ -86,7 +91,7 @@ def locate_model(name: str, download) -> str:
     that safe, and quick once one rank has it)."""
     if os.path.isdir(name):
         return name
-    if name.startswith(("/", ".", "~")) or os.path.exists(name.split("/")[0]) or name.count("/") != 1:
+    if local_path(name) or name.count("/") != 1:
         fail(f"--model {name}: no such directory (and not a hub name like Qwen/Qwen2.5-Math-7B)")
     try:
         return download(name, allow_patterns=HUB_FILES)
