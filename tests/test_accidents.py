@@ -157,7 +157,7 @@ def test_one_run_per_out_dir_and_no_orphans(tmp_path, demo_model_dir, demo_data)
                 pass
 
 
-def test_gpus_that_torch_cannot_use_are_an_error(tmp_path):
+def test_gpus_that_torch_cannot_use_are_an_error(tmp_path, demo_model_dir):
     """A CUDA machine whose torch is the CPU build (here: CPU torch, and a FAKE nvidia-smi on PATH that lists one
     GPU, as a driver would) stops with one line instead of training on the CPU; CUDA_VISIBLE_DEVICES= opts out."""
     fake = tmp_path / "bin" / "nvidia-smi"
@@ -167,8 +167,9 @@ def test_gpus_that_torch_cannot_use_are_an_error(tmp_path):
     out = tmp_path / "out"
     e = {**env(), "PATH": f"{fake.parent}:{os.environ['PATH']}"}
     e.pop("CUDA_VISIBLE_DEVICES", None)
-    p = subprocess.run([sys.executable, TRAIN, "--recipe", "cpu_demo", "--out-dir", str(out)], env=e,
-                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    # a model that exists: it is located (a hub one downloaded) before the process group and its GPU check
+    p = subprocess.run([sys.executable, TRAIN, "--recipe", "cpu_demo", "--model", demo_model_dir, "--out-dir",
+                        str(out)], env=e, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert_one_line(p, "nvidia-smi sees 1 GPU(s) but torch")
     assert not out.exists()
     p = subprocess.run([sys.executable, TRAIN, "--recipe", "cpu_demo", "--model", "/nonexistent/model",
