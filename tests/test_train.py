@@ -14,6 +14,7 @@ import torch
 from conftest import REPO, SHARED_DATA
 
 import train
+from loss import shape_rewards
 
 
 def write_jsonl(path, rows):
@@ -149,11 +150,11 @@ def test_truncated_responses_get_zero_reward():
     formatted = torch.tensor([1.0, 1.0, 1.0, 0.0])
     truncated = torch.tensor([False, True, True, False])
     lengths = torch.tensor([10.0, 100.0, 100.0, 95.0])
-    assert train.shape_rewards(correct, formatted, truncated, lengths, 100, 0, 0.0).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert shape_rewards(correct, formatted, truncated, lengths, 100, 0, 0.0).tolist() == [1.0, 0.0, 0.0, 1.0]
     # DAPO soft penalty over the last 10 tokens: length 95 -> -0.5, a truncated one -> -1
-    assert train.shape_rewards(correct, formatted, truncated, lengths, 100, 10, 0.0).tolist() == [1.0, -1.0, -1.0, 0.5]
+    assert shape_rewards(correct, formatted, truncated, lengths, 100, 10, 0.0).tolist() == [1.0, -1.0, -1.0, 0.5]
     # the format reward adds to correctness; truncation still zeroes the whole reward
-    assert train.shape_rewards(correct, formatted, truncated, lengths, 100, 0, 0.2).tolist() == pytest.approx(
+    assert shape_rewards(correct, formatted, truncated, lengths, 100, 0, 0.2).tolist() == pytest.approx(
         [1.2, 0.0, 0.0, 1.0])
 
 
