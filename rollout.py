@@ -145,9 +145,8 @@ class VLLMEngine:
         return Completion(list(o.token_ids), text, values, ok, o.finish_reason == "length")
 
     def sleep(self) -> None:
-        """Frees the engine's GPU memory for the update (a no-op on CPU). Level 2 DISCARDS the weights (vLLM keeps its
-        buffers, e.g. rotary tables): wake_up must push every one; level 1 copies them to pinned host RAM (~15 GB per
-        rank for 7B) for the sync to overwrite. Level 2 on a GPU is not run here (the tests emulate its discard)."""
+        """Frees the engine's GPU memory for the update (CPU: a no-op). Level 2 DISCARDS the weights (not
+        buffers such as rotary tables): wake_up must push all; level 1 keeps them in pinned host RAM."""
         self.llm.sleep(level=self.sleep_level)
 
     def wake_up(self, named_tensors=None) -> None:
@@ -188,8 +187,9 @@ class HFEngine:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype).to(self.device).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.tokenizer.padding_side = "left"  # decoder-only batches pad on the left
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, padding_side="left")  # decoder-only
+        if self.tokenizer.pad_token is None:  # Llama's have none; padded positions are masked anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.stop_ids = stop_token_ids(self.tokenizer, model_path)
         self.max_model_len = max_model_len
         self.rng = random.Random(seed)  # per-prompt seeds when the caller gives none

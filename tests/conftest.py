@@ -30,3 +30,11 @@ def demo_model_dir(tmp_path_factory):
     time, so RL sees non-zero advantages. Its directory also holds the demo's train.jsonl and heldout.jsonl."""
     from data.demo import shipped
     return shipped(str(tmp_path_factory.mktemp("demo")))
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct as an HF directory (data/smollm2.py: from the GGUF that make test installs; the
+    conversion runs here if make's step did not), with the README experiment's task files beside it."""
+    from data.smollm2 import ensure
+    return ensure(os.path.join(REPO, "data", "smollm2"))
