@@ -54,6 +54,50 @@ def llama_cpp_order(w, heads: int):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# First in the file: its two ranks start before this module's engine exists (memory: ~6 GB a rank).
+def test_train_two_iterations_then_eval_gsm8k(smollm2_dir, tmp_path):
+    """train.py on 2 ranks (FSDP2 over gloo, an engine each): 2 Dr. GRPO iterations on the README experiment's
+    task, packed rows of at most 300 tokens (~3 responses each); the sampler/trainer mismatch (measured ~5e-6,
+    also after the first update's weight push) is under MISMATCH_BOUND; the checkpoint is an HF directory with
+    this generation_config, and eval.py scores GSM8K problems with it through the benchmarks' path (the run
+    directory as its argument)."""
+    out, data = str(tmp_path / "run"), os.path.dirname(smollm2_dir)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(REPO, "train.py"), "--model", smollm2_dir, "--template", "qwen_math",
+           "--questions", os.path.join(data, "train.jsonl"),
+           "--eval-file", os.path.join(data, "heldout.jsonl"),
+           "--algo", "drgrpo", "--format-reward", "0.5", "--rollout-batch", "8", "--group-size", "8",
+           "--train-batch", "32", "--max-new-tokens", "48", "--max-prompt-tokens", "128",
+           "--max-tokens-per-micro-batch", "300", "--iterations", "2", "--lr", "1e-5", "--eval-every", "2",
+           "--eval-limit", "4", "--eval-n", "1", "--eval-max-new-tokens", "16", "--save-every", "2",
+           "--grad-checkpointing", "false", "--grader-workers", "1", "--threads", "1", "--eager", "true",
+           "--out-dir", out]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    trained = [r for r in recs if r.get("micro_steps")]
+    assert [r["iteration"] for r in recs if "reward" in r] == [1, 2]
+    assert trained  # some group had unequal rewards
+    # 2 minibatches an iteration: more micro-steps than that means a minibatch's responses filled several rows
+    assert any(r["micro_steps"] > 2 for r in trained)
+    assert all(r["logprob_mismatch"] < MISMATCH_BOUND for r in trained)
+    ck = os.path.join(out, "step_000002")
+    assert json.load(open(os.path.join(ck, "generation_config.json")))["eos_token_id"] == 2
+    assert json.load(open(os.path.join(ck, "config.json")))["architectures"] == ["LlamaForCausalLM"]
+    ev = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), out, "--data-dir",
+                         os.path.join(SHARED_DATA, "train"), "--benchmarks", "gsm8k", "--limit", "4",
+                         "--max-new-tokens", "48", "--eager", "--out", os.path.join(out, "eval.json")],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
+    assert "step_000002" in ev.stdout
+    res = json.load(open(os.path.join(out, "eval.json")))
+    gsm8k = res["results"]["gsm8k"]
+    assert gsm8k["n_problems"] == 4 and 0 <= gsm8k["accuracy"] <= 1 and gsm8k["mean_length"] > 0
+    samples = [json.loads(line) for line in open(os.path.join(out, "eval.samples.jsonl"))]
+    assert [s["benchmark"] for s in samples] == ["gsm8k"] * 4 and all(s["response"] for s in samples)
+
+
 def test_converted_weights_are_the_real_model(hf_model, smollm2_dir):
     """The converted model predicts real text: NLL under NLL_BOUND, and the same weights in llama.cpp's q/k
     order are above it (vLLM and transformers read the same directory, so only real text can tell)."""
@@ -189,46 +233,3 @@ def test_weight_push_greedy_tokens_and_logprob_mismatch(engine, hf_model):
             for n, p in hf_model.named_parameters():
                 p.copy_(base[n])
         engine.update_weights(iter(base.items()))
-
-
-def test_train_two_iterations_then_eval_gsm8k(smollm2_dir, tmp_path):
-    """train.py on 2 ranks (FSDP2 over gloo, an engine each): 2 Dr. GRPO iterations on the README experiment's
-    task, packed rows of at most 300 tokens (~3 responses each); the sampler/trainer mismatch (measured ~5e-6,
-    also after the first update's weight push) is under MISMATCH_BOUND; the checkpoint is an HF directory with
-    this generation_config, and eval.py scores GSM8K problems with it through the benchmarks' path (the run
-    directory as its argument)."""
-    out, data = str(tmp_path / "run"), os.path.dirname(smollm2_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(REPO, "train.py"), "--model", smollm2_dir, "--template", "qwen_math",
-           "--questions", os.path.join(data, "train.jsonl"),
-           "--eval-file", os.path.join(data, "heldout.jsonl"),
-           "--algo", "drgrpo", "--format-reward", "0.5", "--rollout-batch", "8", "--group-size", "8",
-           "--train-batch", "32", "--max-new-tokens", "32", "--max-prompt-tokens", "128",
-           "--max-tokens-per-micro-batch", "300", "--iterations", "2", "--lr", "1e-5", "--eval-every", "2",
-           "--eval-limit", "4", "--eval-n", "1", "--eval-max-new-tokens", "16", "--save-every", "2",
-           "--grad-checkpointing", "false", "--grader-workers", "1", "--threads", "1", "--eager", "true",
-           "--out-dir", out]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
-    recs = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    trained = [r for r in recs if r.get("micro_steps")]
-    assert [r["iteration"] for r in recs if "reward" in r] == [1, 2]
-    assert trained  # some group had unequal rewards
-    # 2 minibatches an iteration: more micro-steps than that means a minibatch's responses filled several rows
-    assert any(r["micro_steps"] > 2 for r in trained)
-    assert all(r["logprob_mismatch"] < MISMATCH_BOUND for r in trained)
-    ck = os.path.join(out, "step_000002")
-    assert json.load(open(os.path.join(ck, "generation_config.json")))["eos_token_id"] == 2
-    assert json.load(open(os.path.join(ck, "config.json")))["architectures"] == ["LlamaForCausalLM"]
-    ev = subprocess.run([sys.executable, os.path.join(REPO, "eval.py"), out, "--data-dir",
-                         os.path.join(SHARED_DATA, "train"), "--benchmarks", "gsm8k", "--limit", "4",
-                         "--max-new-tokens", "32", "--eager", "--out", os.path.join(out, "eval.json")],
-                        env=env, capture_output=True, text=True, timeout=300)
-    assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-2000:]
-    assert "step_000002" in ev.stdout
-    res = json.load(open(os.path.join(out, "eval.json")))
-    gsm8k = res["results"]["gsm8k"]
-    assert gsm8k["n_problems"] == 4 and 0 <= gsm8k["accuracy"] <= 1 and gsm8k["mean_length"] > 0
-    samples = [json.loads(line) for line in open(os.path.join(out, "eval.samples.jsonl"))]
-    assert [s["benchmark"] for s in samples] == ["gsm8k"] * 4 and all(s["response"] for s in samples)
