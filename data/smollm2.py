@@ -103,8 +103,9 @@ def write_task(out: str, n_heldout: int = 64, seed: int = 0):
             for a in range(1, 21) for b in range(1, 21)]
     random.Random(seed).shuffle(rows)
     for name, part in [("heldout", rows[:n_heldout]), ("train", rows[n_heldout:])]:
-        with open(os.path.join(out, f"{name}.jsonl"), "w") as f:
+        with open(os.path.join(out, f"{name}.jsonl.tmp"), "w") as f:  # renamed when whole: never half a file
             f.writelines(json.dumps(r) + "\n" for r in part)
+        os.replace(os.path.join(out, f"{name}.jsonl.tmp"), os.path.join(out, f"{name}.jsonl"))
 
 
 def ensure(out: str) -> str:
@@ -113,7 +114,7 @@ def ensure(out: str) -> str:
     model = os.path.join(out, "model")
     if not os.path.exists(os.path.join(model, "config.json")):
         print(convert(model), flush=True)
-    if not os.path.exists(os.path.join(out, "heldout.jsonl")):
+    if not all(os.path.exists(os.path.join(out, f"{name}.jsonl")) for name in ("heldout", "train")):
         write_task(out)
     return model
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -70,7 +71,7 @@ def test_config_errors_name_the_flag(monkeypatch):
 
 def test_resume_refuses_a_changed_run(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    saved = train.dataclasses.asdict(train.parse_config(["--recipe", "cpu_demo"]))
+    saved = asdict(train.parse_config(["--recipe", "cpu_demo"]))
     same = train.parse_config(["--recipe", "cpu_demo", "--iterations", "300", "--max-tokens-per-micro-batch", "512"])
     assert train.resume_error(same, saved, saved_world=2, world=2) == ""  # longer run, smaller micro-batches
     assert "2 ranks, this run has 4" in train.resume_error(same, saved, saved_world=2, world=4)
