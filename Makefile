@@ -51,5 +51,5 @@ SMOLLM2_FLAGS := --model data/smollm2/model --questions data/smollm2/train.jsonl
 smollm2-format: setup-test data/smollm2/model/config.json
 	@for seed in 1 2; do .venv/bin/torchrun --standalone --nproc_per_node 2 train.py $(SMOLLM2_FLAGS) \
 	  --seed $$seed --out-dir runs/smollm2/seed$$seed || exit 1; done
-	@$(PY) plot.py runs/smollm2/seed1/metrics.jsonl runs/smollm2/seed2/metrics.jsonl --labels drgrpo drgrpo \
+	@$(PY) plot.py runs/smollm2/seed1/metrics.jsonl runs/smollm2/seed2/metrics.jsonl --labels "seed 1" "seed 2" \
 	  --out assets/smollm2_format.png
