@@ -17,7 +17,6 @@ R1-Zero claims. transformers' GGUF reader undoes llama.cpp's q/k row permutation
 that the result is the real model by the NLL it gives a fixed English paragraph.
 """
 import argparse
-import hashlib
 import importlib.util
 import os
 import shutil
@@ -41,14 +40,6 @@ def gguf_path() -> str:
     return path
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def convert(out: str) -> str:
     """Write the HF directory at `out` (via out.tmp, renamed at the end: an interrupted run leaves no half
     directory that later looks done). Returns the one-line summary."""
@@ -56,8 +47,11 @@ def convert(out: str) -> str:
         if importlib.util.find_spec(module) is None:
             sys.exit(f"data/smollm2.py: the package {module} is not installed: {INSTALL}")
     path = gguf_path()
-    if sha256(path) != GGUF_SHA256:
-        sys.exit(f"data/smollm2.py: {path} has sha256 {sha256(path)}, expected {GGUF_SHA256}")
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from data.demo import sha256
+    digest = sha256(path)
+    if digest != GGUF_SHA256:
+        sys.exit(f"data/smollm2.py: {path} has sha256 {digest}, expected {GGUF_SHA256}")
     import contextlib
     import torch
     from safetensors.torch import save_file

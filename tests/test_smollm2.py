@@ -16,6 +16,7 @@ import torch
 from conftest import REPO
 from rollout import VLLMEngine, logprob_mismatch
 from templates import TEMPLATES, render
+from test_rollout import trainer_logprobs
 
 MAX_LEN = 512
 # A plain English paragraph (written for this test). Its per-token NLL under the converted model: 2.21 nats;
@@ -244,17 +245,11 @@ def test_weight_push_greedy_tokens_and_logprob_mismatch(engine, hf_model):
             compared += greedy_agrees(hf_model, p, c.token_ids, want, margin=1e-3)
         samples = engine.generate(prompts, n=4, temperature=1.0, top_p=1.0, max_new_tokens=32,
                                   seeds=list(range(len(prompts))))
-        s_lp, s_ok, t_lp = [], [], []
-        for prompt, group in zip(prompts, samples):
-            p = tok(prompt)["input_ids"]
-            for c in group:
-                ids = torch.tensor([p + c.token_ids])                                          # (1, P+T)
-                with torch.no_grad():
-                    logits = hf_model(input_ids=ids).logits[0, len(p) - 1:-1]                  # (T, V)
-                t_lp.append(logits.log_softmax(-1).gather(-1, ids[0, len(p):, None]).squeeze(-1))
-                s_lp.append(c.logprobs)
-                s_ok.append(c.logprob_ok)
-        mismatch = logprob_mismatch(s_lp, s_ok, t_lp)
+        s_lp = [c.logprobs for g in samples for c in g]
+        with torch.no_grad():  # what the trainer computes, as test_rollout's check does it
+            t_lp = [lp for prompt, g in zip(prompts, samples)
+                    for lp in trainer_logprobs(hf_model, tok, prompt, g, 1.0)]
+        mismatch = logprob_mismatch(s_lp, [c.logprob_ok for g in samples for c in g], t_lp)
         print(f"greedy: {compared} tokens agree; sampler/trainer mismatch {mismatch:.2e} over "
               f"{sum(map(len, s_lp))} tokens")
         assert compared >= 40 and mismatch < MISMATCH_BOUND
